@@ -1,0 +1,98 @@
+"""LoraAdapter: a trained, versioned adapter artifact with lineage, verification, optional merge and promotion."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from kubetune.api.fields import Sha256, StorageUriStr
+from kubetune.api.finetunejob import BaseModelSource, Storage
+from kubetune.api.meta import CONDITIONS_SCHEMA_EXTRA, DEFAULT_EMPTY, DNS1123_SUBDOMAIN, QUANTITY, ApiModel, Condition, Rule
+from kubetune.api.resource import Resource
+
+Stage = Literal["candidate", "production", "archived"]
+AdapterPhase = Literal["Pending", "Verifying", "Merging", "Ready", "Failed"]
+
+
+class Artifact(ApiModel):
+    uri: StorageUriStr = Field(description="Prefix holding manifest.json and the adapter/ files.")
+    manifest_sha256: Sha256 | None = Field(default=None, description="Expected sha256 of manifest.json.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Total size of the files the manifest lists.")
+
+
+class Merge(ApiModel):
+    enabled: bool = Field(default=False, description="Produce a merged (base + adapter) model if none exists.")
+    gpus: int = Field(default=0, ge=0, le=8, description="GPUs for the merge Job; 0 merges on the CPU.")
+    memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory for the merge Job.")
+
+
+class Threshold(ApiModel):
+    metric: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.]{0,62}$", description="A metric of the run manifest, e.g. evalLoss.")
+    min: float | None = Field(default=None, description="Promotion needs metric >= min.")
+    max: float | None = Field(default=None, description="Promotion needs metric <= max.")
+    rules: ClassVar = (
+        Rule("min", "a threshold needs min or max", "has(self.min) || has(self.max)",
+             lambda s: s.min is not None or s.max is not None),
+        Rule("max", "max must not be below min", "!has(self.min) || !has(self.max) || self.min <= self.max",
+             lambda s: s.min is None or s.max is None or s.min <= s.max),
+    )
+
+
+class LoraAdapterSpec(ApiModel):
+    adapter_name: str | None = Field(default=None, pattern=DNS1123_SUBDOMAIN, max_length=63,
+                                     description="Logical adapter name shared by its versions; metadata.name if unset.")
+    version: int = Field(default=1, ge=1, description="Version of this adapter name.")
+    base_model: BaseModelSource
+    artifact: Artifact
+    storage: Storage | None = Field(default=None, description="Object-store access, required for s3:// artifacts.")
+    merge: Merge = Field(default_factory=Merge, json_schema_extra=DEFAULT_EMPTY)
+    stage: Stage = Field(default="candidate", description="Requested stage; promotion passes the gate first.")
+    evaluation_gate: list[Threshold] = Field(default_factory=list, max_length=32,
+                                             description="Metric thresholds a promotion to production must meet.")
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain", description="Delete removes the artifact objects when the resource is deleted.")
+    rules: ClassVar = (
+        Rule("storage.secretRef", "s3:// URIs need storage.secretRef",
+             "!(self.artifact.uri.startsWith('s3://') || self.baseModel.uri.startsWith('s3://')) || has(self.storage)",
+             lambda s: s.storage is not None or not (s.artifact.uri.startswith("s3://")
+                                                     or s.base_model.uri.startswith("s3://"))),
+        Rule("artifact.uri", "artifacts live on s3:// or pvc://, not on the hub",
+             "!self.artifact.uri.startsWith('hf://')", lambda s: not s.artifact.uri.startswith("hf://")),
+    )
+
+
+class Lineage(ApiModel):
+    fine_tune_job: str | None = None
+    dataset_uri: str | None = None
+    dataset_sha256: str | None = None
+    base_model_uri: str | None = None
+    base_model_revision: str | None = None
+    trainer_image: str | None = None
+
+
+class LoraAdapterStatus(ApiModel):
+    phase: AdapterPhase = "Pending"
+    stage: Stage | None = Field(default=None, description="The stage in force (spec.stage once the gate passed).")
+    message: str = Field(default="", max_length=32768)
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_SCHEMA_EXTRA)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    lineage: Lineage | None = None
+    adapter_uri: str | None = None
+    merged_model_uri: str | None = None
+    serving: dict[str, str] = Field(default_factory=dict, description="How to serve it (vLLM, peft).")
+
+
+class LoraAdapter(Resource[LoraAdapterSpec, LoraAdapterStatus]):
+    kind: Literal["LoraAdapter"] = "LoraAdapter"
+    crd_plural: ClassVar[str] = "loraadapters"
+    crd_singular: ClassVar[str] = "loraadapter"
+    crd_short_names: ClassVar[tuple[str, ...]] = ("lora",)
+    crd_printer_columns: ClassVar[tuple[dict, ...]] = (
+        {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Version", "type": "integer", "jsonPath": ".spec.version"},
+        {"name": "Artifact", "type": "string", "jsonPath": ".spec.artifact.uri"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    )
