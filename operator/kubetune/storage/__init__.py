@@ -1,0 +1,1 @@
+"""Object storage (MinIO / any S3 API through the `minio` SDK) and local volumes behind one interface."""

