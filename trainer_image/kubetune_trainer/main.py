@@ -1,0 +1,96 @@
+"""`kubetune-trainer`: run a fine-tune from a spec file, or merge an adapter into its base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kubetune.storage.client import StorageUnavailable
+from kubetune.storage.config import StorageConfigError
+from kubetune_trainer.errors import (EXIT_CONFIG, EXIT_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED,
+                                     EXIT_UNAVAILABLE, ConfigError)
+from kubetune_trainer.records import DatasetError
+
+log = logging.getLogger("kubetune.trainer")
+TERMINATION_LOG = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
+_MAX_MESSAGE = 3800  # the kubelet keeps 4096 bytes of a termination message
+
+
+def write_termination_message(body: dict) -> None:
+    """The final word the operator reads from the Pod's status (works for pvc:// outputs too)."""
+    text = json.dumps(body, separators=(",", ":"))
+    if len(text) > _MAX_MESSAGE and "error" in body:
+        body["error"]["message"] = body["error"]["message"][:1500] + " ..."
+        text = json.dumps(body, separators=(",", ":"))
+    try:
+        TERMINATION_LOG.write_text(text[:_MAX_MESSAGE])
+    except OSError:
+        pass  # outside a pod there is no termination log
+
+
+def _failure(reason: str, exc: BaseException, code: int) -> int:
+    log.error("%s: %s", reason, exc)
+    write_termination_message({"error": {"reason": reason, "message": str(exc)}})
+    return code
+
+
+def run_spec(path: Path) -> int:
+    from kubetune_trainer.recipe import FineTuneRecipe
+    from kubetune_trainer.runspec import RunSpec
+
+    try:
+        runspec = RunSpec.load(path)
+        result = FineTuneRecipe(runspec).run()
+    except DatasetError as exc:
+        return _failure("InvalidDataset", exc, EXIT_DATA)
+    except (ConfigError, StorageConfigError, ValidationError) as exc:
+        return _failure("InvalidConfiguration", exc, EXIT_CONFIG)
+    except StorageUnavailable as exc:
+        return _failure("StorageUnavailable", exc, EXIT_UNAVAILABLE)
+    except Exception as exc:  # noqa: BLE001 - the process boundary: report, then fail
+        log.exception("training failed")
+        return _failure("TrainerError", exc, EXIT_FAILED)
+    if result.preempted:
+        write_termination_message({"preempted": True})
+        return EXIT_PREEMPTED
+    write_termination_message({"manifest": result.manifest_uri, "manifestSha256": result.manifest_sha256,
+                               "metrics": {k: result.metrics.get("final", {}).get(k)
+                                           for k in ("evalLoss", "exactMatch", "jsonValid")}})
+    return EXIT_OK
+
+
+def run_merge(base: Path, adapter: Path, out: Path, dtype_name: str) -> int:
+    import torch
+
+    from kubetune_trainer.modeling import merge_adapter
+
+    merge_adapter(base, adapter, out, getattr(torch, dtype_name))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="kubetune-trainer")
+    parser.add_argument("--spec", type=Path, help="run spec JSON (FineTuneJob spec + run information)")
+    sub = parser.add_subparsers(dest="command")
+    merge = sub.add_parser("merge", help="merge an adapter into a full-precision copy of its base")
+    merge.add_argument("--base", type=Path, required=True)
+    merge.add_argument("--adapter", type=Path, required=True)
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+    if args.command == "merge":
+        return run_merge(args.base, args.adapter, args.out, args.dtype)
+    if not args.spec:
+        parser.error("--spec is required")
+    return run_spec(args.spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Loading the base model (4-bit NF4 for qlora, bf16/fp32 for lora) and attaching LoRA."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune_trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda" or "cpu"
+    dtype: torch.dtype  # dtype of the trainable path and of an unquantized base
+
+    @classmethod
+    def detect(cls) -> "Placement":
+        if torch.cuda.is_available():
+            return cls("cuda", torch.bfloat16)
+        # CPU: fp32, since bf16 matmuls are slow there and would blur the merge-parity checks.
+        return cls("cpu", torch.float32)
+
+
+def load_tokenizer(path: Path):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradient_checkpointing: bool):
+    quant = spec.effective_quantization()
+    kwargs = {"dtype": placement.dtype, "attn_implementation": "sdpa"}
+    if quant is not None:
+        if placement.device != "cuda":
+            raise ConfigError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use method lora on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quant.bits == 4, load_in_8bit=quant.bits == 8, bnb_4bit_quant_type=quant.quant_type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype))
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quant is None:
+        model.to(placement.device)
+    else:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(spec: FineTuneJobSpec) -> LoraConfig:
+    targets = spec.lora.target_modules
+    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout, bias="none",
+                      task_type="CAUSAL_LM",
+                      target_modules="all-linear" if targets == ["all-linear"] else list(targets))
+
+
+def attach_lora(model, spec: FineTuneJobSpec):
+    try:
+        peft_model = get_peft_model(model, lora_config(spec))
+    except ValueError as exc:  # peft names the modules it could not find
+        raise ConfigError(f"lora.targetModules: {exc}") from exc
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %d trainable of %d parameters", spec.lora.r, spec.lora.target_modules, trainable, total)
+    return peft_model
+
+
+def merge_adapter(base_path: Path, adapter_path: Path, out_dir: Path, dtype: torch.dtype, tokenizer=None) -> None:
+    """Merge into a full-precision copy of the base (never into 4-bit weights) and save it."""
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    (tokenizer or load_tokenizer(base_path)).save_pretrained(out_dir)

@@ -1,0 +1,172 @@
+"""The fine-tuning recipe: one readable pass from spec to published adapter.
+
+Features, and the spec fields that drive them:
+- base model from pvc://, s3:// (manifest-verified download, cached) or hf:// (allowHubDownloads);
+- datasets in JSONL/JSON/Parquet/CSV, formats alpaca/chat/prompt-completion/text/auto
+  (dataset.format), completion-only loss (dataset.completionOnlyLoss), seeded hold-out
+  (dataset.validationSplit), overlong policy (dataset.onOverlong);
+- QLoRA (4-bit NF4, double quantization, bf16 compute) or LoRA (method, quantization, lora.*);
+- packing without cross-example attention (training.packing);
+- checkpoints to the output location every checkpointEverySteps, resume from the newest complete
+  one, SIGTERM -> checkpoint and exit EXIT_PREEMPTED;
+- hold-out loss/perplexity before and after, generation metrics (evaluation.*);
+- adapter, merged model (output.merge) and manifest.json written last, with lineage.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubetune.api.uris import parse_uri
+from kubetune.storage.config import StorageConfig
+from kubetune.storage.location import Location, open_location
+from kubetune.storage.manifest import MANIFEST, Manifest, describe_dir, publish
+from kubetune_trainer.checkpoints import CheckpointStore
+from kubetune_trainer.data import PreparedData, prepare
+from kubetune_trainer.evaluation import generation_metrics, holdout_loss
+from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer, merge_adapter
+from kubetune_trainer.packing import pack, unpacked
+from kubetune_trainer.progress import FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
+from kubetune_trainer.runspec import RunSpec
+from kubetune_trainer.sources import ModelSource, resolve_dataset, resolve_model
+from kubetune_trainer.training import (BatchPlan, PreemptionFlag, build_trainer, peak_memory_gib, plan_batches,
+                                       reset_peak_memory)
+
+log = logging.getLogger(__name__)
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "kubetune")
+
+
+@dataclass
+class RunResult:
+    preempted: bool
+    manifest_uri: str | None = None
+    manifest_sha256: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class FineTuneRecipe:
+    def __init__(self, runspec: RunSpec, *, preemption: PreemptionFlag | None = None):
+        self.spec, self.run_info = runspec.spec, runspec.run
+        self.work = Path(self.run_info.work_dir)
+        self.preemption = preemption or PreemptionFlag()
+        channels = [c for c in (PodAnnotationChannel.from_env(),) if c]
+        if self.run_info.progress_file:
+            channels.append(FileChannel(Path(self.run_info.progress_file)))
+        self.reporter = ProgressReporter(channels, self.run_info.progress_interval_s)
+
+    # -- setup -------------------------------------------------------------------------------
+    def _storage(self) -> StorageConfig | None:
+        uris = (self.spec.base_model.uri, self.spec.dataset.uri, self.run_info.output_uri)
+        return StorageConfig.from_env() if any(u.startswith("s3://") for u in uris) else None
+
+    def _setup_sources(self, storage) -> tuple[ModelSource, Path]:
+        volumes, cache = Path(self.run_info.volume_root), Path(self.run_info.cache_dir)
+        model = resolve_model(self.spec.base_model, storage=storage, volume_root=volumes, cache_dir=cache,
+                              allow_hub=self.spec.allow_hub_downloads)
+        data_path = resolve_dataset(self.spec.dataset.uri, storage=storage, volume_root=volumes, cache_dir=cache)
+        return model, data_path
+
+    def _setup_model(self, source: ModelSource, placement: Placement, plan: BatchPlan):
+        model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing)
+        return attach_lora(model, self.spec)
+
+    def _evaluate(self, model, tokenizer, data: PreparedData, *, generate: bool) -> dict:
+        metrics = holdout_loss(model, data.validation, tokenizer.pad_token_id)
+        if generate and self.spec.evaluation.exact_match:
+            metrics |= generation_metrics(model, tokenizer, data.validation,
+                                          max_samples=self.spec.evaluation.max_samples,
+                                          max_new_tokens=self.spec.evaluation.max_new_tokens)
+        return metrics
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.reporter.report(ProgressReport("loading"), force=True)
+        storage = self._storage()
+        output = open_location(parse_uri(self.run_info.output_uri), storage=storage,
+                               volume_root=Path(self.run_info.volume_root))
+        if hasattr(output, "ensure_bucket"):
+            output.ensure_bucket()
+        source, data_path = self._setup_sources(storage)
+        tokenizer = load_tokenizer(source.path)
+        data = prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer)
+        log.info("dataset: %s", data.report.to_dict())
+        max_len = self.spec.training.max_seq_length
+        rows = pack(data.train, max_len) if self.spec.training.packing else unpacked(data.train)
+        placement = Placement.detect()
+        plan = plan_batches(self.spec, placement.device == "cuda")
+        model = self._setup_model(source, placement, plan)
+
+        self.reporter.report(ProgressReport("evaluating"), force=True)
+        baseline = self._evaluate(model, tokenizer, data, generate=True)  # LoRA starts as a no-op: this is the base
+        store = CheckpointStore(output, self.spec.output.keep_checkpoints)
+        self.work.mkdir(parents=True, exist_ok=True)
+        resume = store.pull_latest(self.work / "checkpoints")
+        if resume:
+            log.info("resuming from %s", resume[1])
+        trainer, loop = build_trainer(
+            model, self.spec, rows, plan=plan, work_dir=self.work, pad_id=tokenizer.pad_token_id,
+            callback_kwargs={"reporter": self.reporter, "store": store, "preemption": self.preemption,
+                             "evaluate": lambda: holdout_loss(model, data.validation, tokenizer.pad_token_id)})
+        loop.last_checkpoint = resume[1] if resume else None
+        self.preemption.install()
+        reset_peak_memory()
+        result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        if self.preemption.raised:
+            return RunResult(preempted=True)
+
+        self.reporter.report(ProgressReport("evaluating", trainer.state.global_step, trainer.state.max_steps,
+                                            loss=loop.last_loss), force=True)
+        final = self._evaluate(model, tokenizer, data, generate=True)
+        train_metrics = {"steps": trainer.state.global_step, "trainLoss": round(result.training_loss, 6),
+                         "tokensPerSecond": loop.tokens_per_second, "peakGpuMemoryGiB": peak_memory_gib(),
+                         "microBatchSize": plan.micro_batch_size,
+                         "gradientAccumulationSteps": plan.gradient_accumulation_steps,
+                         "gradientCheckpointing": plan.gradient_checkpointing, "rows": len(rows)}
+        self.reporter.report(ProgressReport("publishing", trainer.state.global_step, trainer.state.max_steps,
+                                            loss=loop.last_loss, evalLoss=final.get("evalLoss")), force=True)
+        published = self._publish(output, model, tokenizer, source, data, placement,
+                                  {"baseline": baseline, "final": final, "train": train_metrics})
+        self.reporter.report(ProgressReport("done", trainer.state.global_step, trainer.state.max_steps,
+                                            loss=loop.last_loss, evalLoss=final.get("evalLoss"),
+                                            lastCheckpoint=loop.last_checkpoint), force=True)
+        return published
+
+    def _publish(self, output: Location, model, tokenizer, source: ModelSource, data: PreparedData,
+                 placement: Placement, metrics: dict) -> RunResult:
+        final_dir = self.work / "final"
+        shutil.rmtree(final_dir, ignore_errors=True)
+        adapter_dir = final_dir / "adapter"
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+        if self.spec.output.merge:
+            merge_adapter(source.path, adapter_dir, final_dir / "merged", placement.dtype, tokenizer)
+        manifest = Manifest("RunManifest", describe_dir(final_dir), {
+            "metrics": metrics,
+            "data": data.report.to_dict(),
+            "lineage": {
+                "fineTuneJob": f"{self.run_info.namespace}/{self.run_info.job_name}",
+                "attempt": self.run_info.attempt,
+                "baseModelUri": source.uri, "baseModelRevision": source.revision,
+                "datasetUri": self.spec.dataset.uri, "datasetSha256": data.report.sha256,
+                "trainerImage": self.run_info.image, "libraries": library_versions(),
+            },
+            "spec": self.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+            "layout": {"adapter": "adapter", "merged": "merged" if self.spec.output.merge else None},
+        })
+        digest = publish(output, manifest, final_dir)
+        log.info("published %s/%s (sha256 %s, %d files)", output.uri, MANIFEST, digest, len(manifest.files))
+        return RunResult(False, f"{output.uri}/{MANIFEST}", digest, metrics)

@@ -1,0 +1,163 @@
+"""The training loop: transformers' Trainer over packed rows, with our checkpoint store, progress
+reporting and preemption handling plugged in as callbacks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune_trainer.checkpoints import CheckpointStore
+from kubetune_trainer.packing import Row, RowCollator
+from kubetune_trainer.progress import ProgressReport, ProgressReporter
+
+log = logging.getLogger(__name__)
+
+
+class Rows(TorchDataset):
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i]
+
+
+class CountingCollator:
+    """Counts the loss-bearing tokens handed to the model, for tokens/s."""
+
+    def __init__(self, inner: RowCollator):
+        self.inner, self.loss_tokens = inner, 0
+
+    def __call__(self, rows):
+        batch = self.inner(rows)
+        self.loss_tokens += int((batch["labels"][:, 1:] != -100).sum())
+        return batch
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (the kubelet's eviction or a suspension); the loop checkpoints and stops."""
+
+    def __init__(self):
+        self.raised = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        log.warning("SIGTERM: checkpointing at the end of this step, then exiting")
+        self.raised = True
+
+
+@dataclass
+class BatchPlan:
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+
+
+def plan_batches(spec: FineTuneJobSpec, on_gpu: bool) -> BatchPlan:
+    t = spec.training
+    micro = t.micro_batch_size or min(t.batch_size, 8 if on_gpu else 4)
+    checkpointing = {"on": True, "off": False}.get(t.gradient_checkpointing, on_gpu and spec.method == "qlora")
+    return BatchPlan(micro, max(1, math.ceil(t.batch_size / micro)), checkpointing)
+
+
+class LoopCallback(TrainerCallback):
+    def __init__(self, *, reporter: ProgressReporter, store: CheckpointStore, counter: CountingCollator,
+                 preemption: PreemptionFlag, evaluate):
+        self.reporter, self.store, self.counter, self.preemption = reporter, store, counter, preemption
+        self.evaluate = evaluate
+        self.last_loss: float | None = None
+        self.eval_loss: float | None = None
+        self.last_checkpoint: str | None = None
+        self._t0: float | None = None
+        self._tokens0 = 0
+        self._step0 = 0
+        self.tokens_per_second: float | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t0, self._tokens0, self._step0 = time.monotonic(), self.counter.loss_tokens, state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.last_loss = float(logs["loss"])
+
+    def _report(self, state, force: bool = False) -> None:
+        elapsed = time.monotonic() - (self._t0 or time.monotonic())
+        done = state.global_step - self._step0
+        eta = None
+        if done and elapsed > 0:
+            self.tokens_per_second = round((self.counter.loss_tokens - self._tokens0) / elapsed, 1)
+            eta = int(elapsed / done * (state.max_steps - state.global_step))
+        self.reporter.report(ProgressReport(
+            "training", state.global_step, state.max_steps, round(state.epoch or 0, 4), self.last_loss,
+            self.eval_loss, self.tokens_per_second, eta, self.last_checkpoint), force=force)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.preemption.raised:
+            control.should_save = True
+            control.should_training_stop = True
+        self._report(state)
+
+    def on_save(self, args, state, control, **kw):
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.eval_loss = self.evaluate().get("evalLoss")
+        self.last_checkpoint = self.store.push(local, state.global_step)
+        log.info("checkpoint %s (step %d, eval loss %s)", self.last_checkpoint, state.global_step, self.eval_loss)
+        self._report(state, force=True)
+
+
+def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: BatchPlan, work_dir: Path,
+                  pad_id: int, callback_kwargs: dict) -> tuple[Trainer, LoopCallback]:
+    t = spec.training
+    on_gpu = next(model.parameters()).is_cuda
+    steps_per_epoch = math.ceil(len(rows) / (plan.micro_batch_size * plan.gradient_accumulation_steps))
+    total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
+    args = TrainingArguments(
+        output_dir=str(work_dir / "checkpoints"),
+        per_device_train_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        max_steps=total,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=int(total * t.warmup_ratio),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch_fused" if on_gpu else "adamw_torch",
+        bf16=on_gpu,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=spec.checkpoint_every_steps,
+        save_total_limit=1,  # local copies only; the store keeps spec.output.keepCheckpoints remotely
+        report_to=[],
+        seed=t.seed,
+        data_seed=t.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=not on_gpu,
+    )
+    counter = CountingCollator(RowCollator(pad_id))
+    callback = LoopCallback(counter=counter, **callback_kwargs)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(rows), data_collator=counter, callbacks=[callback])
+    return trainer, callback
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
