@@ -8,6 +8,7 @@ need; moto is an in-process fake of the API.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -23,10 +24,22 @@ ACCESS_KEY = "kubetune-test"
 SECRET_KEY = "kubetune-test-secret-0123456789"
 
 
-def free_port() -> int:
+def _is_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    """A free port whose +10000 twin is free too: SeaweedFS puts each service's gRPC there."""
+    rng = random.Random()
+    while True:
+        port = rng.randint(20000, 45000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
 
 
 def weed_binary() -> str:
@@ -61,7 +74,7 @@ class S3Server:
         cmd = [weed_binary(), "server", "-s3", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
                f"-filer.port={self.ports['filer']}", f"-s3.port={self.s3_port}", f"-s3.config={identities}",
-               "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+               "-volume.max=0", "-master.volumeSizeLimitMB=64", "-master.telemetry=false"]
         self.process = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self.wait_ready(timeout)

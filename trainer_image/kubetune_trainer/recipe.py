@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import set_seed
+
 from kubetune.api.uris import parse_uri
 from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import Location, open_location
@@ -108,6 +110,8 @@ class FineTuneRecipe:
         rows = pack(data.train, max_len) if self.spec.training.packing else unpacked(data.train)
         placement = Placement.detect()
         plan = plan_batches(self.spec, placement.device == "cuda")
+        # Seed before LoRA's random init: a rerun of the same spec must start from the same weights.
+        set_seed(self.spec.training.seed)
         model = self._setup_model(source, placement, plan)
 
         self.reporter.report(ProgressReport("evaluating"), force=True)
