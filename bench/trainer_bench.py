@@ -1,0 +1,121 @@
+"""Throughput of the kubetune trainer's training path (QLoRA) on one GPU.
+
+Same data shape as the baseline (bench/baseline/qlora_anchor.py): Alpaca-like lengths (median
+~250 tokens, long tail to 2,048), seq 2,048, r=16. It drives the trainer's own components
+(data preparation, packing, model loading, Trainer set-up) and times steps after a warm-up.
+
+Usage: python bench/trainer_bench.py --arch qwen2.5-1.5b --targets attn --steps 24 --tokenizer DIR
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from archs import ARCHS, build_model_dir, flops_per_token  # noqa: E402
+
+from kubetune.api.finetunejob import FineTuneJobSpec  # noqa: E402
+from kubetune_trainer.data import Example  # noqa: E402
+from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer  # noqa: E402
+from kubetune_trainer.packing import pack  # noqa: E402
+from kubetune_trainer.training import BatchPlan, PreemptionFlag, build_trainer, plan_batches  # noqa: E402
+
+TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": ["all-linear"]}
+
+
+class _NullStore:
+    def push(self, local_dir, step):
+        return None
+
+
+class _NullReporter:
+    def report(self, report, force=False):
+        pass
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, counter, warmup: int):
+        self.counter, self.warmup, self.t0 = counter, warmup, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.warmup and self.t0 is None:
+            torch.cuda.synchronize()
+            self.t0, self.tok0 = time.perf_counter(), self.counter.loss_tokens
+
+    def on_train_end(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t0
+        self.tokens = self.counter.loss_tokens - self.tok0
+        self.steps = state.global_step - self.warmup
+
+
+def examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(math.log(250), 0.8, n), 32, 2048).astype(int)
+    out = []
+    for k in lengths:
+        ids = rng.integers(10, vocab - 10, size=k).tolist()
+        out.append(Example(ids, ids[:], "bench"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="qwen2.5-1.5b", choices=sorted(ARCHS))
+    ap.add_argument("--targets", default="attn", choices=sorted(TARGETS))
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8, help="rows of 2,048 tokens per optimizer step")
+    ap.add_argument("--micro", type=int, default=0, help="rows per forward pass (0: the trainer's plan)")
+    ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--tokenizer", required=True)
+    a = ap.parse_args()
+
+    path = build_model_dir(a.arch)
+    tokenizer = load_tokenizer(Path(a.tokenizer))
+    spec = FineTuneJobSpec.model_validate({
+        "baseModel": {"uri": "pvc://models/bench"}, "dataset": {"uri": "pvc://data/bench.jsonl"},
+        "method": "qlora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": TARGETS[a.targets]},
+        "training": {"maxSteps": a.steps, "maxSeqLength": 2048, "packing": True, "batchSize": a.batch,
+                     "microBatchSize": a.micro or None, "gradientCheckpointing": a.checkpointing},
+        "output": {"uri": "pvc://runs/bench"}, "checkpointEverySteps": 1_000_000,
+    })
+    rows = pack(examples(4000, min(len(tokenizer), ARCHS[a.arch][6])), 2048)
+    placement = Placement.detect()
+    plan: BatchPlan = plan_batches(spec, on_gpu=True)
+    torch.cuda.reset_peak_memory_stats()
+    model = attach_lora(load_base(Path(path), spec, placement, gradient_checkpointing=plan.gradient_checkpointing),
+                        spec)
+    trainer, loop = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/bench-work"),
+                                  pad_id=tokenizer.pad_token_id,
+                                  callback_kwargs={"reporter": _NullReporter(), "store": _NullStore(),
+                                                   "preemption": PreemptionFlag(), "evaluate": dict})
+    timer = StepTimer(loop.counter, a.warmup)
+    trainer.add_callback(timer)
+    t = time.perf_counter()
+    trainer.train()
+    tps = timer.tokens / timer.seconds
+    print(json.dumps({
+        "case": "kubetune", "arch": a.arch, "targets": a.targets, "micro": plan.micro_batch_size,
+        "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
+        "steps_timed": timer.steps, "tokens": timer.tokens, "seconds": round(timer.seconds, 2),
+        "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12, 4), "wall_s": round(time.perf_counter() - t, 1),
+        "gpu": torch.cuda.get_device_name(0),
+        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "peft", "bitsandbytes")},
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
