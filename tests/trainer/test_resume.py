@@ -17,7 +17,7 @@ from kubetune.storage.config import SECRET_KEYS
 from kubetune.storage.location import LocalLocation
 from kubetune.storage.manifest import read_manifest
 from kubetune_trainer.checkpoints import CheckpointStore
-from kubetune_trainer.errors import EXIT_OK, EXIT_PREEMPTED
+from kubetune.contract import EXIT_OK, EXIT_PREEMPTED
 from tests.trainer.recipe_support import make_volume, run_spec, write_spec
 
 pytestmark = pytest.mark.slow

@@ -1,11 +1,4 @@
-"""Exit codes of the trainer process: the contract with the operator (and the Job's podFailurePolicy)."""
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_DATA = 65  # EX_DATAERR: the dataset is bad; retrying will not help
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: storage or another dependency did not answer; a retry may help
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after checkpointing; resumable, not a failure
-EXIT_CONFIG = 78  # EX_CONFIG: the spec, model or credentials are unusable; retrying will not help
+"""Errors the trainer turns into a clear termination message and a distinct exit code."""
 
 
 class ConfigError(ValueError):

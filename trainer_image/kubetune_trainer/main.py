@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.config import StorageConfigError
-from kubetune_trainer.errors import (EXIT_CONFIG, EXIT_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED,
-                                     EXIT_UNAVAILABLE, ConfigError)
+from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE
+from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.records import DatasetError
 
 log = logging.getLogger("kubetune.trainer")

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Protocol
 
 from kubetune.api.meta import now_rfc3339
+from kubetune.contract import PROGRESS_ANNOTATION
 
 log = logging.getLogger("kubetune.progress")
-PROGRESS_ANNOTATION = "kubetune.dev/progress"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 

@@ -1,0 +1,15 @@
+"""The contract between the operator and the trainer pod, in one place.
+
+- exit codes: what the trainer process's exit means (the Job's podFailurePolicy acts on them);
+- the progress channel: a JSON annotation the trainer sets on its own Pod;
+- the termination message: the trainer's last word, read from the Pod's status.
+"""
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_DATA = 65  # EX_DATAERR: the dataset is bad; retrying will not help
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: storage or another dependency did not answer; a retry may help
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after checkpointing; resumable, not a failure
+EXIT_CONFIG = 78  # EX_CONFIG: the spec, model or credentials are unusable; retrying will not help
+
+PROGRESS_ANNOTATION = "kubetune.dev/progress"

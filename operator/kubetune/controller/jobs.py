@@ -1,0 +1,204 @@
+"""FineTuneJob -> the objects that run it: a ConfigMap with the run spec and a batch/v1 Job.
+
+Pure functions: the same FineTuneJob and settings always give the same manifests, so a restarted
+operator computes the names of what it created before and adopts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune.api.meta import API_VERSION
+from kubetune.api.uris import parse_uri
+from kubetune.controller.settings import OperatorSettings
+from kubetune.storage.config import REQUIRED_KEYS, SECRET_KEYS
+from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_PREEMPTED
+
+LABEL_JOB = "kubetune.dev/finetunejob"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGER = "kubetune"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+SPEC_MOUNT = "/etc/kubetune"
+SPEC_FILE = "runspec.json"
+SCRATCH = "/scratch"
+TRAINER_UID = 65532
+
+
+def _name(base: str, suffix: str) -> str:
+    """base-suffix, shortened with a hash when over 63 characters (label-safe and deterministic)."""
+    name = f"{base}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{base[: 63 - len(suffix) - 10]}-{digest}-{suffix}"
+
+
+def job_name(ftj: FineTuneJob) -> str:
+    return _name(ftj.metadata.name, "train")
+
+
+def configmap_name(ftj: FineTuneJob) -> str:
+    return _name(ftj.metadata.name, "spec")
+
+
+def run_output_uri(ftj: FineTuneJob) -> str:
+    """Each FineTuneJob writes under its own prefix; the uid keeps a re-created job of the same
+    name from resuming the old one's checkpoints."""
+    uid = str((ftj.metadata.model_extra or {}).get("uid", ""))[:8] or "local"
+    return str(parse_uri(ftj.spec.output.uri).join(f"{ftj.metadata.name}-{uid}"))
+
+
+def owner_reference(ftj: FineTuneJob) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "FineTuneJob", "name": ftj.metadata.name,
+            "uid": (ftj.metadata.model_extra or {}).get("uid", ""), "controller": True,
+            "blockOwnerDeletion": True}
+
+
+def _labels(ftj: FineTuneJob) -> dict[str, str]:
+    labels = {LABEL_MANAGED: MANAGER, LABEL_JOB: ftj.metadata.name, "app.kubernetes.io/name": "kubetune-trainer"}
+    if ftj.spec.queue_name:
+        labels[KUEUE_QUEUE_LABEL] = ftj.spec.queue_name
+    return labels
+
+
+def run_spec(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "spec": ftj.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+        "run": {"namespace": ftj.metadata.namespace or "default", "job_name": ftj.metadata.name,
+                "output_uri": run_output_uri(ftj), "volume_root": settings.volume_root,
+                "work_dir": f"{SCRATCH}/work", "cache_dir": f"{SCRATCH}/cache",
+                "image": ftj.spec.trainer_image or settings.trainer_image},
+    }
+
+
+def build_configmap(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    # Only the spec and resolved locations: credentials never enter a ConfigMap.
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": configmap_name(ftj), "namespace": ftj.metadata.namespace, "labels": _labels(ftj),
+                     "ownerReferences": [owner_reference(ftj)]},
+        "data": {SPEC_FILE: json.dumps(run_spec(ftj, settings), indent=2, sort_keys=True)},
+    }
+
+
+def _claims(ftj: FineTuneJob) -> dict[str, bool]:
+    """PVC claims the pod mounts, and whether each must be writable (the output's)."""
+    claims: dict[str, bool] = {}
+    for uri, writable in ((ftj.spec.base_model.uri, False), (ftj.spec.dataset.uri, False),
+                          (ftj.spec.output.uri, True)):
+        parsed = parse_uri(uri)
+        if parsed.scheme == "pvc":
+            claims[parsed.authority] = claims.get(parsed.authority, False) or writable
+    return claims
+
+
+def _env(ftj: FineTuneJob) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "HOME", "value": f"{SCRATCH}/home"},
+        {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{SCRATCH}/triton"},
+    ]
+    offline = "0" if ftj.spec.allow_hub_downloads else "1"
+    env += [{"name": n, "value": offline} for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if ftj.spec.storage:
+        secret = ftj.spec.storage.secret_ref.name
+        for key, var in SECRET_KEYS.items():
+            # Only references: the values stay in the Secret and reach the container at start.
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {
+                "name": secret, "key": key, "optional": key not in REQUIRED_KEYS}}})
+    return env
+
+
+def _resources(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    r = ftj.spec.resources
+    limits: dict[str, Any] = {}
+    if r.gpus:
+        limits[settings.gpu_resource] = r.gpus
+    if r.cpu:
+        limits["cpu"] = r.cpu
+    if r.memory:
+        limits["memory"] = r.memory
+    return {"limits": limits, "requests": dict(limits)} if limits else {}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    return {"rules": [
+        # A preempted trainer checkpointed and asked to be resumed: not a failure.
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                             "values": [EXIT_PREEMPTED]}},
+        # Evictions, node drains and preemption by priority: not the trainer's fault either.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        # A bad dataset or spec fails the same way every time: stop at once.
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                              "values": [EXIT_DATA, EXIT_CONFIG]}},
+    ]}
+
+
+def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    spec, r = ftj.spec, ftj.spec.resources
+    claims = _claims(ftj)
+    volumes: list[dict[str, Any]] = [
+        {"name": "runspec", "configMap": {"name": configmap_name(ftj)}},
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "runspec", "mountPath": SPEC_MOUNT, "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH},
+        {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for index, (claim, writable) in enumerate(sorted(claims.items())):
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim,
+                                                                          "readOnly": not writable}})
+        mounts.append({"name": f"pvc-{index}", "mountPath": f"{settings.volume_root}/{claim}",
+                       "readOnly": not writable})
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.trainer_service_account,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
+                            "fsGroup": TRAINER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "trainer",
+            "image": spec.trainer_image or settings.trainer_image,
+            "args": ["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"],
+            "env": _env(ftj),
+            "resources": _resources(ftj, settings),
+            "volumeMounts": mounts,
+            "terminationMessagePolicy": "File",
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+        }],
+        "volumes": volumes,
+    }
+    if r.node_selector:
+        pod_spec["nodeSelector"] = dict(r.node_selector)
+    if r.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
+    if r.affinity:
+        pod_spec["affinity"] = r.affinity
+    if r.priority_class_name:
+        pod_spec["priorityClassName"] = r.priority_class_name
+    if r.runtime_class_name:
+        pod_spec["runtimeClassName"] = r.runtime_class_name
+    labels = _labels(ftj)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name(ftj), "namespace": ftj.metadata.namespace, "labels": labels,
+                     "ownerReferences": [owner_reference(ftj)]},
+        "spec": {
+            # Kueue admits a queued Job by unsuspending it; a suspended FineTuneJob starts suspended.
+            "suspend": bool(spec.queue_name) or spec.suspend,
+            "backoffLimit": spec.backoff_limit,
+            "podFailurePolicy": pod_failure_policy(),
+            "completions": 1, "parallelism": 1,
+            "template": {"metadata": {"labels": {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}},
+                         "spec": pod_spec},
+        },
+    }

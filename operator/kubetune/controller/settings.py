@@ -1,0 +1,29 @@
+"""Operator settings, from the environment (the chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    gpu_resource: str = "nvidia.com/gpu"
+    trainer_service_account: str = "kubetune-trainer"
+    termination_grace_seconds: int = 300  # room for a checkpoint upload after SIGTERM
+    max_running_per_namespace: int = 0  # 0: no limit
+    volume_root: str = "/mnt/volumes"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
+        env = dict(os.environ) if env is None else env
+        return cls(
+            trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", cls.trainer_image),
+            gpu_resource=env.get("KUBETUNE_GPU_RESOURCE", cls.gpu_resource),
+            trainer_service_account=env.get("KUBETUNE_TRAINER_SERVICE_ACCOUNT", cls.trainer_service_account),
+            termination_grace_seconds=int(env.get("KUBETUNE_TERMINATION_GRACE_SECONDS",
+                                                  cls.termination_grace_seconds)),
+            max_running_per_namespace=int(env.get("KUBETUNE_MAX_RUNNING_PER_NAMESPACE",
+                                                  cls.max_running_per_namespace)),
+        )
