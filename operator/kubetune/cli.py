@@ -47,6 +47,19 @@ def _cmd_crds_generate(args: argparse.Namespace) -> int:
     return 1 if (args.check and stale) else 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    import kubetune.controller.handlers  # noqa: F401  (registers the handlers)
+
+    # Peering elects one active replica among several (Kopf's KopfPeering resources); standalone
+    # runs without it, for single-replica installs and local stacks.
+    kopf.run(standalone=args.standalone, peering_name=args.peering, priority=args.priority,
+             clusterwide=not args.namespace, namespaces=args.namespace or (),
+             liveness_endpoint=args.liveness)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubetune import __version__
 
@@ -63,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--root", default=".", help="repository root")
     generate.add_argument("--check", action="store_true", help="write nothing; exit 1 if anything is out of date")
     generate.set_defaults(run=_cmd_crds_generate)
+
+    operator = sub.add_parser("operator", help="run the operator (like `kopf run`)")
+    operator.add_argument("--namespace", "-n", action="append", default=[],
+                          help="watch this namespace (repeatable; glob patterns allowed); default: all namespaces")
+    operator.add_argument("--standalone", action="store_true", help="no peering: this is the only replica")
+    operator.add_argument("--peering", default="kubetune", help="KopfPeering name shared by the replicas")
+    operator.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    operator.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    operator.set_defaults(run=_cmd_operator)
     return parser
 
 

@@ -36,12 +36,12 @@ def _name(base: str, suffix: str) -> str:
     return f"{base[: 63 - len(suffix) - 10]}-{digest}-{suffix}"
 
 
-def job_name(ftj: FineTuneJob) -> str:
-    return _name(ftj.metadata.name, "train")
+def job_name(ftj: FineTuneJob | str) -> str:
+    return _name(ftj if isinstance(ftj, str) else ftj.metadata.name, "train")
 
 
-def configmap_name(ftj: FineTuneJob) -> str:
-    return _name(ftj.metadata.name, "spec")
+def configmap_name(ftj: FineTuneJob | str) -> str:
+    return _name(ftj if isinstance(ftj, str) else ftj.metadata.name, "spec")
 
 
 def run_output_uri(ftj: FineTuneJob) -> str:

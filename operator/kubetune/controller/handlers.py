@@ -1,0 +1,79 @@
+"""Kopf handlers: thin adapters from events to the reconcile functions."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from kubetune.api import GROUP, VERSION
+from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
+from kubetune.controller.kube import KubeClient, KubeConfig
+from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
+from kubetune.controller.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+OURS = {LABEL_MANAGED: MANAGER}
+
+
+@kopf.on.login()
+def login(**_) -> kopf.ConnectionInfo:
+    config = KubeConfig.load()
+    return kopf.ConnectionInfo(server=config.server, token=config.token, ca_path=config.ca_file,
+                               insecure=config.insecure)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # Kopf's bookkeeping goes to annotations: status belongs to the operator's own writes only.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.dev")
+    settings.persistence.finalizer = "kubetune.dev/cleanup"
+    settings.posting.level = logging.INFO
+    memo.client = KubeClient(KubeConfig.load())
+    memo.settings = OperatorSettings.from_env()
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_) -> None:
+    await memo.client.close()
+
+
+@kopf.on.resume(GROUP, VERSION, "finetunejobs")
+@kopf.on.create(GROUP, VERSION, "finetunejobs")
+@kopf.on.update(GROUP, VERSION, "finetunejobs", field="spec")
+async def finetunejob_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    await reconcile(memo.client, memo.settings, dict(body))
+
+
+@kopf.timer(GROUP, VERSION, "finetunejobs", interval=5, idle=2,
+            when=lambda status, **_: (status or {}).get("phase") == "Queued")
+async def finetunejob_waiting(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    # Re-checked until capacity frees up; reconcile admits waiting jobs in creation order.
+    await reconcile(memo.client, memo.settings, dict(body))
+
+
+@kopf.on.delete(GROUP, VERSION, "finetunejobs")
+async def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    await clean_up(memo.client, dict(body))
+
+
+async def _owner_changed(labels, namespace: str, memo: kopf.Memo) -> None:
+    name = (labels or {}).get(LABEL_JOB)
+    if not name:
+        return
+    body = await memo.client.get(ftj_path(namespace, name))
+    if body is None or (body["metadata"].get("deletionTimestamp")):
+        return
+    await reconcile(memo.client, memo.settings, body)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OURS)
+async def job_event(labels, namespace, memo: kopf.Memo, **_) -> None:
+    await _owner_changed(labels, namespace, memo)
+
+
+@kopf.on.event("", "v1", "pods", labels=OURS)
+async def pod_event(labels, namespace, memo: kopf.Memo, **_) -> None:
+    await _owner_changed(labels, namespace, memo)
+

@@ -1,0 +1,167 @@
+"""FineTuneJob status from what is observed (its Job and pods): pure functions.
+
+Conditions follow metav1.Condition: lastTransitionTime changes only when status changes, and
+each carries the generation it was computed for, so `kubectl wait --for=condition=Complete`
+and Argo CD health read them directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.contract import EXIT_PREEMPTED, PROGRESS_ANNOTATION
+
+TERMINAL = ("Succeeded", "Failed")
+OOM_ADVICE = ("the trainer ran out of memory (OOMKilled): lower training.maxSeqLength or "
+              "training.microBatchSize, or give it more memory (resources.memory) or GPUs")
+
+
+def set_condition(conditions: list[dict], type_: str, status: str, reason: str, message: str,
+                  generation: int | None, now: str) -> list[dict]:
+    out = [dict(c) for c in conditions if c.get("type") != type_]
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    changed = old is None or old.get("status") != status
+    out.append({"type": type_, "status": status, "reason": reason, "message": message,
+                "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),
+                "observedGeneration": generation})
+    return sorted(out, key=lambda c: c["type"])
+
+
+def _job_condition(job: dict, type_: str) -> dict | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def termination(pod: dict) -> tuple[int | None, str | None, dict]:
+    """Exit code, reason and parsed termination message of a pod's trainer container."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated")
+        if cs.get("name") == "trainer" and terminated:
+            try:
+                message = json.loads(terminated.get("message") or "{}")
+            except ValueError:
+                message = {}
+            return terminated.get("exitCode"), terminated.get("reason"), message if isinstance(message, dict) else {}
+    return None, None, {}
+
+
+def is_preempted(pod: dict) -> bool:
+    code, _, _ = termination(pod)
+    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                    for c in (pod.get("status") or {}).get("conditions") or [])
+    return code == EXIT_PREEMPTED or disrupted or (pod.get("status") or {}).get("reason") == "Evicted"
+
+
+def failure_message(pod: dict) -> tuple[str, str]:
+    code, reason, message = termination(pod)
+    if reason == "OOMKilled":
+        return "OOMKilled", OOM_ADVICE
+    if message.get("error"):
+        return message["error"].get("reason", "TrainerError"), message["error"].get("message", "")
+    return "TrainerFailed", f"the trainer exited with code {code}" if code is not None else "the trainer pod failed"
+
+
+def _created(obj: dict) -> str:
+    return (obj.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+@dataclass
+class Observation:
+    phase: str
+    reason: str
+    message: str
+    progress: dict[str, Any] | None = None
+    attempts: int = 0
+    failures: int = 0
+    preemptions: int = 0
+    last_checkpoint: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)  # the succeeded pod's termination message
+
+
+def observe(spec_suspend: bool, queued: bool, job: dict | None, pods: list[dict]) -> Observation:
+    """What phase the run is in, from its Job and pods (oldest first)."""
+    pods = sorted(pods, key=_created)
+    finished = [p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
+    preempted = [p for p in finished if (p.get("status") or {}).get("phase") == "Failed" and is_preempted(p)]
+    failed = [p for p in finished if (p.get("status") or {}).get("phase") == "Failed" and not is_preempted(p)]
+    progress = None
+    for pod in reversed(pods):
+        raw = ((pod.get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION)
+        if raw:
+            try:
+                progress = json.loads(raw)
+                break
+            except ValueError:
+                continue
+    obs = Observation("Pending", "Created", "", progress, len(pods), len(failed), len(preempted),
+                      (progress or {}).get("lastCheckpoint"))
+    if job is None:
+        obs.phase, obs.reason = ("Queued", "WaitingForCapacity") if queued else ("Pending", "Creating")
+        return obs
+    if _job_condition(job, "Complete"):
+        succeeded = [p for p in finished if (p.get("status") or {}).get("phase") == "Succeeded"]
+        obs.result = termination(succeeded[-1])[2] if succeeded else {}
+        obs.phase, obs.reason, obs.message = "Succeeded", "TrainingComplete", "the run finished and was published"
+        return obs
+    failed_cond = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    if failed_cond:
+        reason, message = failure_message(failed[-1]) if failed else (failed_cond.get("reason", "JobFailed"),
+                                                                        failed_cond.get("message", ""))
+        obs.phase, obs.reason, obs.message = "Failed", reason, message
+        return obs
+    if (job.get("spec") or {}).get("suspend"):
+        if spec_suspend:
+            obs.phase, obs.reason, obs.message = "Suspended", "Suspended", "spec.suspend is true"
+        else:
+            obs.phase, obs.reason, obs.message = "Queued", "WaitingForAdmission", "waiting for Kueue to admit the Job"
+        return obs
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        obs.phase, obs.reason = "Running", "Training"
+        if preempted and finished[-1] in preempted:
+            obs.message = f"resumed after {len(preempted)} preemption(s)"
+        elif failed:
+            obs.message = f"retrying after {len(failed)} failure(s): {failure_message(failed[-1])[1]}"
+    else:
+        obs.phase, obs.reason = "Pending", "WaitingForPod"
+        if failed:
+            obs.message = f"retrying after {len(failed)} failure(s): {failure_message(failed[-1])[1]}"
+    return obs
+
+
+def status_patch(current: dict, obs: Observation, generation: int | None, now: str) -> dict[str, Any]:
+    """The merge patch for status.* that records an observation."""
+    conditions = current.get("conditions") or []
+    active = obs.phase in ("Pending", "Running")
+    conditions = set_condition(conditions, "Admitted", "True" if active or obs.phase in TERMINAL else "False",
+                               obs.reason if not active else "Admitted", obs.message, generation, now)
+    conditions = set_condition(conditions, "Running", "True" if obs.phase == "Running" else "False",
+                               obs.reason, obs.message, generation, now)
+    conditions = set_condition(conditions, "Complete", "True" if obs.phase == "Succeeded" else "False",
+                               obs.reason, obs.message, generation, now)
+    conditions = set_condition(conditions, "Failed", "True" if obs.phase == "Failed" else "False",
+                               obs.reason, obs.message, generation, now)
+    patch: dict[str, Any] = {"phase": obs.phase, "message": obs.message, "conditions": conditions,
+                             "observedGeneration": generation, "attempts": obs.attempts,
+                             "failures": obs.failures, "preemptions": obs.preemptions}
+    if obs.progress:
+        step, total = obs.progress.get("step", 0), obs.progress.get("totalSteps")
+        patch["progress"] = {
+            "step": step, "totalSteps": total,
+            "percent": min(100, int(100 * step / total)) if total else 0,
+            "epoch": obs.progress.get("epoch"), "loss": obs.progress.get("loss"),
+            "evalLoss": obs.progress.get("evalLoss"), "tokensPerSecond": obs.progress.get("tokensPerSecond"),
+            "etaSeconds": obs.progress.get("etaSeconds"), "updatedAt": obs.progress.get("updatedAt")}
+        if obs.phase == "Succeeded":
+            patch["progress"]["percent"] = 100
+    if obs.last_checkpoint:
+        patch["lastCheckpoint"] = obs.last_checkpoint
+    if obs.phase == "Running" and not current.get("startTime"):
+        patch["startTime"] = now
+    if obs.phase in TERMINAL and not current.get("completionTime"):
+        patch["completionTime"] = now
+    return patch

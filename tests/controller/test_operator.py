@@ -1,0 +1,292 @@
+"""The operator over real HTTP against the stateful API emulator: no client call is patched.
+
+The tests play the parts of the Job controller and the kubelet: they create the Job's pods and
+write Job and pod status as those would, and watch the FineTuneJob's status react.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+
+import kopf
+import pytest
+
+import kubetune.controller.handlers  # noqa: F401  (registers the handlers)
+from kubetune.contract import PROGRESS_ANNOTATION
+from tests.kube_emulator import ApiEmulator
+from tests.support import minimal_job, patched
+
+pytestmark = pytest.mark.kmock(cls=ApiEmulator)
+NS = "team-a"
+FTJ = "kubetune.dev/v1alpha1/finetunejobs"
+ADAPTERS = "kubetune.dev/v1alpha1/loraadapters"
+
+
+@pytest.fixture
+def cluster(kmock, tmp_path, monkeypatch):
+    kmock.resources.load_bundled()
+    for resource, kind in ((FTJ, "FineTuneJob"), (ADAPTERS, "LoraAdapter")):
+        kmock.resources[resource].namespaced = True
+        kmock.resources[resource].kind = kind
+        kmock.resources[resource].verbs = {"list", "watch", "get", "create", "patch", "delete"}
+    config = tmp_path / "kubeconfig"
+    config.write_text(f"""
+apiVersion: v1
+kind: Config
+current-context: emulator
+clusters: [{{name: emulator, cluster: {{server: "{str(kmock.url).rstrip('/')}"}}}}]
+contexts: [{{name: emulator, context: {{cluster: emulator}}}}]
+""")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    return kmock
+
+
+@asynccontextmanager
+async def running_operator():
+    """The operator, as `kubetune operator` runs it, in the test's event loop."""
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(kopf.operator(settings=settings, namespaces=[NS], standalone=True,
+                                             stop_flag=stop, ready_flag=ready, memo=kopf.Memo()))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def wait_for(predicate, timeout: float = 10, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def _matches(key_resource, resource: str) -> bool:
+    *group_version, plural = resource.split("/")
+    group = group_version[0] if len(group_version) == 2 else ""
+    return (key_resource.group, key_resource.plural) == (group, plural)
+
+
+def objects_of(kmock, resource: str) -> dict[str, dict]:
+    """Live objects of a resource ("group/version/plural" or "v1/plural") in the test namespace, by name."""
+    return {name: o.raw for (res, ns, name), o in list(kmock.objects.items())
+            if ns == NS and _matches(res, resource) and not o.deleted}
+
+
+def obj(kmock, resource, name):
+    return objects_of(kmock, resource).get(name)
+
+
+def status(kmock, name="job"):
+    return (obj(kmock, FTJ, name) or {}).get("status") or {}
+
+
+def condition(kmock, type_, name="job"):
+    return next((c for c in status(kmock, name).get("conditions", []) if c["type"] == type_), {})
+
+
+async def apply(kmock, doc):
+    await kmock.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs", json=doc)
+
+
+def job_doc(name="job", **spec):
+    return patched(minimal_job(**spec), {"metadata": {"name": name, "namespace": NS}})
+
+
+async def pod(kmock, name, phase, *, ftj="job", progress=None, exit_code=None, reason=None, message=None,
+              conditions=None):
+    """Create or update a trainer pod as the Job controller and the kubelet would."""
+    path = f"/api/v1/namespaces/{NS}/pods"
+    body = {"metadata": {"name": name, "namespace": NS,
+                         "labels": {"app.kubernetes.io/managed-by": "kubetune", "kubetune.dev/finetunejob": ftj},
+                         "annotations": {PROGRESS_ANNOTATION: json.dumps(progress)} if progress else {}}}
+    state = {"running": {}} if exit_code is None else {"terminated": {
+        "exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+        "message": json.dumps(message) if message else ""}}
+    pod_status = {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}],
+                  "conditions": conditions or []}
+    if obj(kmock, "v1/pods", name) is None:
+        await kmock.post(path, json=body)
+    else:
+        await kmock.patch(f"{path}/{name}", json={"metadata": body["metadata"]})
+    await kmock.patch(f"{path}/{name}/status", json={"status": pod_status})
+
+
+async def job_status(kmock, job="job-train", **conditions):
+    await kmock.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/{job}/status", json={"status": {"conditions": [
+        {"type": t, "status": s} for t, s in conditions.items()]}})
+
+
+async def test_create_builds_one_job_and_reports_pending(cluster):
+    async with running_operator():
+        start = time.monotonic()
+        await apply(cluster, job_doc())
+        job = await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        elapsed = time.monotonic() - start
+        await wait_for(lambda: status(cluster).get("phase") == "Pending", what="Pending")
+        assert obj(cluster, "v1/configmaps", "job-spec")
+        ftj = obj(cluster, FTJ, "job")
+        assert job["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+        assert condition(cluster, "Validated")["status"] == "True"
+        assert condition(cluster, "Validated")["observedGeneration"] == 1
+        assert "kubetune.dev/cleanup" in ftj["metadata"]["finalizers"]
+        events = await wait_for(lambda: [o for k, o in _events(cluster) if o.get("reason") == "JobCreated"],
+                                what="JobCreated event")
+        assert events[0]["involvedObject"]["name"] == "job"
+    print(f"apply -> Job created: {elapsed:.3f}s")
+
+
+def _events(kmock):
+    return list(objects_of(kmock, "v1/events").items())
+
+
+async def test_invalid_spec_fails_with_message_and_creates_nothing(cluster):
+    async with running_operator():
+        await apply(cluster, job_doc(lora={"r": 0}, dataset={"uri": "pvc://data/../etc/passwd"}))
+        await wait_for(lambda: status(cluster).get("phase") == "Failed", what="Failed")
+        message = condition(cluster, "Validated")["message"]
+        assert message == ("spec.dataset.uri: URI must not contain '.' or '..' path segments; "
+                           "spec.lora.r: input should be greater than or equal to 1")
+        assert condition(cluster, "Failed")["status"] == "True"
+        await wait_for(lambda: any(o.get("reason") == "InvalidSpec" and o.get("type") == "Warning"
+                                   for _, o in _events(cluster)), what="Warning event")
+    assert obj(cluster, "batch/v1/jobs", "job-train") is None
+    assert obj(cluster, "v1/configmaps", "job-spec") is None
+
+
+async def test_progress_completion_and_adapter(cluster):
+    async with running_operator():
+        await apply(cluster, job_doc(output={"uri": "pvc://runs/out", "adapterName": "invoices"}))
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await pod(cluster, "job-train-a", "Running", progress={"step": 30, "totalSteps": 120, "loss": 0.8,
+                                                               "tokensPerSecond": 5000.0, "etaSeconds": 90})
+        await wait_for(lambda: status(cluster).get("phase") == "Running", what="Running")
+        progress = await wait_for(lambda: status(cluster).get("progress"), what="progress")
+        assert (progress["step"], progress["percent"], progress["loss"]) == (30, 25, 0.8)
+        assert status(cluster)["startTime"] and condition(cluster, "Running")["status"] == "True"
+        manifest = {"manifest": "pvc://runs/out/job-x/manifest.json", "manifestSha256": "a" * 64}
+        await pod(cluster, "job-train-a", "Succeeded", exit_code=0, message=manifest,
+                  progress={"step": 120, "totalSteps": 120, "loss": 0.2, "phase": "done"})
+        await job_status(cluster, Complete="True")
+        await wait_for(lambda: status(cluster).get("phase") == "Succeeded", what="Succeeded")
+        adapter = await wait_for(lambda: obj(cluster, ADAPTERS, "invoices"), what="LoraAdapter")
+        assert adapter["spec"]["artifact"]["manifestSha256"] == "a" * 64
+        assert adapter["metadata"]["labels"]["kubetune.dev/finetunejob"] == "job"
+        await wait_for(lambda: status(cluster).get("adapterRef", {}).get("name") == "invoices", what="adapterRef")
+        assert condition(cluster, "Complete")["status"] == "True"
+        assert status(cluster)["completionTime"] and status(cluster)["progress"]["percent"] == 100
+
+
+async def test_failure_retry_preemption_and_oom(cluster):
+    async with running_operator():
+        await apply(cluster, job_doc())
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await pod(cluster, "p1", "Failed", exit_code=75, message={"preempted": True})
+        await pod(cluster, "p2", "Running")
+        await wait_for(lambda: status(cluster).get("preemptions") == 1 and status(cluster).get("phase") == "Running",
+                       what="preemption counted")
+        assert status(cluster)["failures"] == 0 and status(cluster)["message"] == "resumed after 1 preemption(s)"
+        await pod(cluster, "p2", "Failed", exit_code=1,
+                  message={"error": {"reason": "StorageUnavailable", "message": "object store unavailable for 120s"}})
+        await pod(cluster, "p3", "Running")
+        await wait_for(lambda: status(cluster).get("failures") == 1 and status(cluster).get("attempts") == 3,
+                       what="failure counted")
+        assert status(cluster)["message"] == "retrying after 1 failure(s): object store unavailable for 120s"
+        assert status(cluster)["attempts"] == 3
+        await pod(cluster, "p3", "Failed", exit_code=137, reason="OOMKilled")
+        await job_status(cluster, Failed="True")
+        await wait_for(lambda: status(cluster).get("phase") == "Failed", what="Failed")
+        assert condition(cluster, "Failed")["reason"] == "OOMKilled"
+        assert "lower training.maxSeqLength" in status(cluster)["message"]
+
+
+async def test_suspend_and_resume(cluster):
+    async with running_operator():
+        await apply(cluster, job_doc())
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job"
+        await cluster.patch(path, json={"spec": {"suspend": True}})
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train")["spec"]["suspend"] is True, what="suspend")
+        await wait_for(lambda: status(cluster).get("phase") == "Suspended", what="Suspended")
+        assert obj(cluster, FTJ, "job")["metadata"]["generation"] == 2
+        await cluster.patch(path, json={"spec": {"suspend": False}})
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train")["spec"]["suspend"] is False, what="resume")
+        await wait_for(lambda: status(cluster).get("phase") == "Pending", what="Pending again")
+
+
+async def test_training_fields_cannot_change_after_start(cluster):
+    async with running_operator():
+        await apply(cluster, job_doc())
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await pod(cluster, "p1", "Running")
+        await wait_for(lambda: status(cluster).get("startTime"), what="started")
+        path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job"
+        await cluster.patch(path, json={"spec": {"lora": {"r": 64}}})
+        await wait_for(lambda: condition(cluster, "Validated").get("reason") == "ImmutableFieldChanged",
+                       what="refused change")
+        assert condition(cluster, "Validated")["message"].startswith("spec.lora cannot change once the job has started")
+        spec = json.loads(obj(cluster, "v1/configmaps", "job-spec")["data"]["runspec.json"])["spec"]
+        assert spec["lora"]["r"] == 16  # the running job keeps what it started with
+
+
+@pytest.mark.parametrize("phase", ["Pending", "Running", "Succeeded"])
+async def test_restart_in_every_phase_adopts_and_never_duplicates(cluster, phase):
+    async with running_operator():
+        await apply(cluster, job_doc())
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        if phase in ("Running", "Succeeded"):
+            await pod(cluster, "p1", "Running")
+            await wait_for(lambda: status(cluster).get("phase") == "Running", what="Running")
+        if phase == "Succeeded":
+            await pod(cluster, "p1", "Succeeded", exit_code=0, message={"manifestSha256": "b" * 64})
+            await job_status(cluster, Complete="True")
+            await wait_for(lambda: status(cluster).get("phase") == "Succeeded", what="Succeeded")
+    # A new operator starts and resumes the FineTuneJob: it reads the Job that exists and adopts it.
+    mark = len(list(cluster))
+    async with running_operator():
+        await wait_for(lambda: any(r.method.name == "GET" and r.name == "job-train"
+                                   for r in list(cluster)[mark:]), what="the resumed reconcile")
+        await wait_for(lambda: any(r.method.name == "PATCH" and r.subresource == "status"
+                                   for r in list(cluster)[mark:]), what="status recorded again")
+        assert status(cluster)["phase"] == phase
+    creates = [r for r in cluster if r.method.name == "POST" and r.resource is not None
+               and r.resource.plural == "jobs"]
+    assert len(creates) == 1  # the restarted operator created nothing
+    assert len(objects_of(cluster, "batch/v1/jobs")) == 1
+    if phase == "Succeeded":
+        # Concurrent events may both try to create it; the loser adopts (409), so there is one.
+        assert list(objects_of(cluster, ADAPTERS)) == ["job"]
+
+
+async def test_deletion_removes_job_and_pods_but_not_artifacts(cluster):
+    async with running_operator():
+        await apply(cluster, job_doc())
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await pod(cluster, "p1", "Running")
+        await cluster.delete(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job")
+        await wait_for(lambda: obj(cluster, FTJ, "job") is None, timeout=60, what="FineTuneJob gone")
+    assert obj(cluster, "batch/v1/jobs", "job-train") is None
+    assert obj(cluster, "v1/pods", "p1") is None
+    assert obj(cluster, "v1/configmaps", "job-spec") is None
+
+
+async def test_namespace_limit_queues_in_creation_order(cluster, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_MAX_RUNNING_PER_NAMESPACE", "1")
+    async with running_operator():
+        await apply(cluster, job_doc(name="first"))
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "first-train"), what="first Job")
+        await apply(cluster, job_doc(name="second"))
+        await wait_for(lambda: status(cluster, "second").get("phase") == "Queued", what="second queued")
+        assert condition(cluster, "Admitted", "second")["reason"] == "WaitingForCapacity"
+        await job_status(cluster, "first-train", Complete="True")
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "second-train"), timeout=20, what="second admitted")
