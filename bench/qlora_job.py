@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from archs import build_model_dir  # noqa: E402
 
-from tests.trainer.invoices import invoice_records, write_jsonl  # noqa: E402
+from kubetune_trainer.samples import invoice_records, write_jsonl  # noqa: E402
 
 
 def main() -> None:

@@ -290,3 +290,21 @@ async def test_namespace_limit_queues_in_creation_order(cluster, monkeypatch):
         assert condition(cluster, "Admitted", "second")["reason"] == "WaitingForCapacity"
         await job_status(cluster, "first-train", Complete="True")
         await wait_for(lambda: obj(cluster, "batch/v1/jobs", "second-train"), timeout=20, what="second admitted")
+
+
+async def test_trainer_progress_channel_reaches_the_status(cluster):
+    """The trainer's real channel (a merge patch of its Pod's annotation) feeds status.progress."""
+    from kubetune_trainer.progress import PodAnnotationChannel, ProgressReport, ProgressReporter
+
+    async with running_operator():
+        await apply(cluster, job_doc())
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await pod(cluster, "job-train-x", "Running")
+        channel = PodAnnotationChannel(str(cluster.url).rstrip("/"), NS, "job-train-x", token=None, ca_file=None)
+        reporter = ProgressReporter([channel], interval=60)
+        report = ProgressReport("training", step=7, totalSteps=70, loss=1.5, tokensPerSecond=123.0)
+        await asyncio.to_thread(reporter.report, report, force=True)
+        await asyncio.to_thread(reporter.report, ProgressReport("training", step=8, totalSteps=70))  # throttled
+        progress = await wait_for(lambda: status(cluster).get("progress"), what="mirrored progress")
+        assert (progress["step"], progress["percent"], progress["loss"], progress["tokensPerSecond"]) == (
+            7, 10, 1.5, 123.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.trainer.invoices import invoice_records, write_jsonl
+from kubetune_trainer.samples import invoice_records, write_jsonl
 
 
 def make_volume(root: Path, model_dir: Path, records: int = 120, seed: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""A small structured task the base model cannot do: short invoice texts -> a fixed JSON shape."""
+"""Sample data for demos and tests: a small structured task the base model cannot do (short invoice texts -> a fixed JSON shape)."""
 
 from __future__ import annotations
 
