@@ -12,7 +12,6 @@ from kubetune.controller.kube import KubeClient, KubeConfig
 from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
 from kubetune.controller.settings import OperatorSettings
 
-log = logging.getLogger(__name__)
 OURS = {LABEL_MANAGED: MANAGER}
 
 

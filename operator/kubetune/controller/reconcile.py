@@ -4,7 +4,6 @@ record what was observed. Idempotent: running it twice, or after a restart, chan
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import kopf
@@ -19,7 +18,6 @@ from kubetune.controller.kube import ApiError, KubeClient, path_for
 from kubetune.controller.settings import OperatorSettings
 from kubetune.controller.status import TERMINAL, Observation, observe, set_condition, status_patch
 
-log = logging.getLogger(__name__)
 FTJ_PLURAL = "finetunejobs"
 
 
@@ -114,7 +112,7 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) 
 async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, status: dict, job: dict | None) -> None:
     namespace = body["metadata"]["namespace"]
     pods = await client.list(path_for("v1", "pods", namespace), {LABEL_JOB: ftj.metadata.name}) if job else []
-    obs = observe(ftj.spec.suspend, False, job, pods)
+    obs = observe(ftj.spec.suspend, job, pods)
     if obs.phase == "Succeeded" and not status.get("adapterRef"):
         status["adapterRef"] = await ensure_adapter(client, body, ftj, obs)
     await record(client, body, status, obs, body["metadata"].get("generation"))
@@ -122,9 +120,8 @@ async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, s
 
 async def record(client: KubeClient, body: dict, status: dict, obs: Observation, generation: int | None) -> None:
     patch = status_patch(status, obs, generation, now_rfc3339())
-    for key in ("adapterRef",):
-        if status.get(key):
-            patch[key] = status[key]
+    if status.get("adapterRef"):
+        patch["adapterRef"] = status["adapterRef"]
     if status.get("phase") != obs.phase:
         event = kopf.warn if obs.phase == "Failed" else kopf.info
         event(body, reason=obs.reason, message=f"{status.get('phase', 'None')} -> {obs.phase}"

@@ -82,7 +82,7 @@ class Observation:
     result: dict[str, Any] = field(default_factory=dict)  # the succeeded pod's termination message
 
 
-def observe(spec_suspend: bool, queued: bool, job: dict | None, pods: list[dict]) -> Observation:
+def observe(spec_suspend: bool, job: dict | None, pods: list[dict]) -> Observation:
     """What phase the run is in, from its Job and pods (oldest first)."""
     pods = sorted(pods, key=_created)
     finished = [p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
@@ -100,7 +100,7 @@ def observe(spec_suspend: bool, queued: bool, job: dict | None, pods: list[dict]
     obs = Observation("Pending", "Created", "", progress, len(pods), len(failed), len(preempted),
                       (progress or {}).get("lastCheckpoint"))
     if job is None:
-        obs.phase, obs.reason = ("Queued", "WaitingForCapacity") if queued else ("Pending", "Creating")
+        obs.phase, obs.reason = "Pending", "Creating"
         return obs
     if _job_condition(job, "Complete"):
         succeeded = [p for p in finished if (p.get("status") or {}).get("phase") == "Succeeded"]
