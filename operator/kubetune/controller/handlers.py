@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 
 import kopf
@@ -31,6 +33,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     settings.posting.level = logging.INFO
     memo.client = KubeClient(KubeConfig.load())
     memo.settings = OperatorSettings.from_env()
+    memo.locks = collections.defaultdict(asyncio.Lock)
+
+
+async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
+    """One reconcile at a time per FineTuneJob, always on a fresh read: events about the job, its
+    Job and its pods arrive concurrently, and a reconcile working from an older copy must not
+    overwrite what a newer one recorded."""
+    async with memo.locks[namespace, name]:
+        body = await memo.client.get(ftj_path(namespace, name))
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        await reconcile(memo.client, memo.settings, body)
 
 
 @kopf.on.cleanup()
@@ -41,15 +55,15 @@ async def shutdown(memo: kopf.Memo, **_) -> None:
 @kopf.on.resume(GROUP, VERSION, "finetunejobs")
 @kopf.on.create(GROUP, VERSION, "finetunejobs")
 @kopf.on.update(GROUP, VERSION, "finetunejobs", field="spec")
-async def finetunejob_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    await reconcile(memo.client, memo.settings, dict(body))
+async def finetunejob_changed(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+    await _reconcile_latest(namespace, name, memo)
 
 
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=5, idle=2,
             when=lambda status, **_: (status or {}).get("phase") == "Queued")
-async def finetunejob_waiting(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+async def finetunejob_waiting(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
     # Re-checked until capacity frees up; reconcile admits waiting jobs in creation order.
-    await reconcile(memo.client, memo.settings, dict(body))
+    await _reconcile_latest(namespace, name, memo)
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
@@ -59,12 +73,8 @@ async def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_) -> None:
 
 async def _owner_changed(labels, namespace: str, memo: kopf.Memo) -> None:
     name = (labels or {}).get(LABEL_JOB)
-    if not name:
-        return
-    body = await memo.client.get(ftj_path(namespace, name))
-    if body is None or (body["metadata"].get("deletionTimestamp")):
-        return
-    await reconcile(memo.client, memo.settings, body)
+    if name:
+        await _reconcile_latest(namespace, name, memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS)
