@@ -29,7 +29,7 @@ from kubetune.api.finetunejob import FineTuneJobSpec  # noqa: E402
 from kubetune_trainer.data import Example  # noqa: E402
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer  # noqa: E402
 from kubetune_trainer.packing import pack  # noqa: E402
-from kubetune_trainer.training import BatchPlan, PreemptionFlag, build_trainer, plan_batches  # noqa: E402
+from kubetune_trainer.training import PreemptionFlag, build_trainer, plan_batches  # noqa: E402
 
 TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": ["all-linear"]}
 
@@ -93,7 +93,7 @@ def main() -> None:
     })
     rows = pack(examples(4000, min(len(tokenizer), ARCHS[a.arch][6])), 2048)
     placement = Placement.detect()
-    plan: BatchPlan = plan_batches(spec, on_gpu=True)
+    plan = plan_batches(spec, Path(path), on_gpu=True)
     torch.cuda.reset_peak_memory_stats()
     model = attach_lora(load_base(Path(path), spec, placement, gradient_checkpointing=plan.gradient_checkpointing),
                         spec)
@@ -111,6 +111,7 @@ def main() -> None:
         "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
         "steps_timed": timer.steps, "tokens": timer.tokens, "seconds": round(timer.seconds, 2),
         "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "planned_gib": round(plan.estimate.total_gib, 2) if plan.estimate else None,
         "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12, 4), "wall_s": round(time.perf_counter() - t, 1),
         "gpu": torch.cuda.get_device_name(0),
         "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "peft", "bitsandbytes")},

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -105,3 +108,21 @@ def test_builder_properties(name, gpus, r, queue):
     limits = job["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
     assert limits.get("nvidia.com/gpu", 0) == gpus
     assert run_output_uri(ftj).startswith("pvc://runs/job/")
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("name,ftj", JOBS, ids=[n for n, _ in JOBS])
+def test_built_objects_match_the_reviewed_golden_files(name, ftj):
+    """Any change to what the operator creates shows up as a diff of tests/controller/golden/ in review.
+    After an intended change: KUBETUNE_UPDATE_GOLDEN=1 pytest tests/controller/test_jobs.py"""
+    configmap = build_configmap(ftj, SETTINGS)
+    readable = {**configmap, "data": {k: json.loads(v) for k, v in configmap["data"].items()}}  # JSON shown as YAML
+    built = yaml.safe_dump_all([readable, build_job(ftj, SETTINGS)], sort_keys=True)
+    golden = GOLDEN / (name.replace(".yaml", "").replace(":", "--").replace("/", "-") + ".yaml")
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(built)
+    assert golden.exists(), f"no golden file {golden.name}: run with KUBETUNE_UPDATE_GOLDEN=1 and review it"
+    assert built == golden.read_text()

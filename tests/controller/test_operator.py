@@ -7,6 +7,7 @@ write Job and pod status as those would, and watch the FineTuneJob's status reac
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from contextlib import asynccontextmanager
@@ -308,3 +309,60 @@ async def test_trainer_progress_channel_reaches_the_status(cluster):
         progress = await wait_for(lambda: status(cluster).get("progress"), what="mirrored progress")
         assert (progress["step"], progress["percent"], progress["loss"], progress["tokensPerSecond"]) == (
             7, 10, 1.5, 123.0)
+
+
+QWEN_7B_CONFIG = {"num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944, "vocab_size": 152064,
+                  "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False}
+
+
+def secret_doc(config, **override):
+    data = {"endpoint": f"http://{config.endpoint}", "accessKey": config.access_key,
+            "secretKey": config.secret_key, **override}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": NS},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+def s3_job(bucket: str, name: str, **spec):
+    return job_doc(name, baseModel={"uri": f"s3://{bucket}/qwen7b"}, storage={"secretRef": {"name": "s3"}}, **spec)
+
+
+async def test_a_job_that_cannot_fit_its_gpus_is_refused(cluster, s3_bucket, s3_server):
+    s3_bucket.put_bytes("qwen7b/config.json", json.dumps(QWEN_7B_CONFIG).encode())
+    await cluster.post(f"/api/v1/namespaces/{NS}/secrets", json=secret_doc(s3_server.config))
+    async with running_operator():
+        await apply(cluster, s3_job(s3_bucket.bucket, "big", method="lora", resources={"gpuMemoryGiB": 16}))
+        await apply(cluster, s3_job(s3_bucket.bucket, "small", method="qlora", resources={"gpuMemoryGiB": 16}))
+        await wait_for(lambda: status(cluster, "big").get("phase") == "Failed", what="big refused")
+        planned = condition(cluster, "Planned", "big")
+        assert (planned["status"], planned["reason"]) == ("False", "DoesNotFit")
+        assert "7.62B parameters" in planned["message"] and "short by" in planned["message"]
+        assert "use method qlora" in status(cluster, "big")["message"]
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "small-train"), what="small's Job")
+        planned = await wait_for(lambda: condition(cluster, "Planned", "small"), what="small planned")
+        assert (planned["status"], planned["reason"]) == ("True", "Fits") and "of 16 GiB" in planned["message"]
+        await wait_for(lambda: any(o.get("reason") == "DoesNotFit" and o["involvedObject"]["name"] == "big"
+                                   for _, o in _events(cluster)), what="DoesNotFit event")
+    assert obj(cluster, "batch/v1/jobs", "big-train") is None
+
+
+async def test_missing_secret_and_wrong_credentials_wait_with_a_clear_message(cluster, s3_bucket, s3_server):
+    s3_bucket.put_bytes("qwen7b/config.json", json.dumps(QWEN_7B_CONFIG).encode())
+    secrets = f"/api/v1/namespaces/{NS}/secrets"
+    wrong = "wrong-secret-key-MARKER-7f3a"
+    async with running_operator():
+        await apply(cluster, s3_job(s3_bucket.bucket, "job", method="qlora"))
+        await wait_for(lambda: condition(cluster, "Planned").get("reason") == "SecretNotFound", what="no Secret")
+        assert status(cluster)["phase"] == "Pending"
+        assert status(cluster)["message"] == f"Secret s3 (storage.secretRef) does not exist in namespace {NS}"
+        await cluster.post(secrets, json=secret_doc(s3_server.config, secretKey=wrong))
+        await wait_for(lambda: condition(cluster, "Planned").get("reason") == "AccessDenied", timeout=20,
+                       what="wrong credentials")
+        assert "SignatureDoesNotMatch" in status(cluster)["message"]
+        await cluster.patch(f"{secrets}/s3", json={"data": secret_doc(s3_server.config)["data"]})
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), timeout=20, what="the Job")
+        await wait_for(lambda: condition(cluster, "Planned").get("status") == "True", what="planned")
+        reasons = [o.get("reason") for _, o in _events(cluster) if o.get("type") == "Warning"]
+        assert "SecretNotFound" in reasons and "AccessDenied" in reasons
+    # The credential never leaks into what the operator wrote.
+    written = json.dumps([o.raw for (res, _, _), o in list(cluster.objects.items()) if res.plural != "secrets"])
+    assert wrong not in written and s3_server.config.secret_key not in written

@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from kubetune.api.uris import parse_uri
+from kubetune.planning import RunPlan
 from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import Location, open_location
 from kubetune.storage.manifest import MANIFEST, Manifest, describe_dir, publish
@@ -35,8 +36,7 @@ from kubetune_trainer.packing import pack, unpacked
 from kubetune_trainer.progress import FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
 from kubetune_trainer.runspec import RunSpec
 from kubetune_trainer.sources import ModelSource, resolve_dataset, resolve_model
-from kubetune_trainer.training import (BatchPlan, PreemptionFlag, build_trainer, peak_memory_gib, plan_batches,
-                                       reset_peak_memory)
+from kubetune_trainer.training import PreemptionFlag, build_trainer, peak_memory_gib, plan_batches, reset_peak_memory
 
 log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "kubetune")
@@ -82,7 +82,7 @@ class FineTuneRecipe:
         data_path = resolve_dataset(self.spec.dataset.uri, storage=storage, volume_root=volumes, cache_dir=cache)
         return model, data_path
 
-    def _setup_model(self, source: ModelSource, placement: Placement, plan: BatchPlan):
+    def _setup_model(self, source: ModelSource, placement: Placement, plan: RunPlan):
         model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing)
         return attach_lora(model, self.spec)
 
@@ -109,7 +109,7 @@ class FineTuneRecipe:
         max_len = self.spec.training.max_seq_length
         rows = pack(data.train, max_len) if self.spec.training.packing else unpacked(data.train)
         placement = Placement.detect()
-        plan = plan_batches(self.spec, placement.device == "cuda")
+        plan = plan_batches(self.spec, source.path, placement.device == "cuda")
         # Seed before LoRA's random init: a rerun of the same spec must start from the same weights.
         set_seed(self.spec.training.seed)
         model = self._setup_model(source, placement, plan)

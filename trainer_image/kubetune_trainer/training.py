@@ -3,11 +3,11 @@ reporting and preemption handling plugged in as callbacks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +15,10 @@ from torch.utils.data import Dataset as TorchDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune.planning import DoesNotFit, ModelShape, RunPlan, plan_run
+from kubetune.planning.memory import GiB
 from kubetune_trainer.checkpoints import CheckpointStore
+from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.packing import Row, RowCollator
 from kubetune_trainer.progress import ProgressReport, ProgressReporter
 
@@ -59,18 +62,20 @@ class PreemptionFlag:
         self.raised = True
 
 
-@dataclass
-class BatchPlan:
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    gradient_checkpointing: bool
-
-
-def plan_batches(spec: FineTuneJobSpec, on_gpu: bool) -> BatchPlan:
-    t = spec.training
-    micro = t.micro_batch_size or min(t.batch_size, 8 if on_gpu else 4)
-    checkpointing = {"on": True, "off": False}.get(t.gradient_checkpointing, on_gpu and spec.method == "qlora")
-    return BatchPlan(micro, max(1, math.ceil(t.batch_size / micro)), checkpointing)
+def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool) -> RunPlan:
+    """The operator's planner, now with the real GPU's memory and the model's real shape."""
+    try:
+        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    except (OSError, ValueError) as exc:
+        log.warning("no memory plan (%s): default micro-batch", exc)
+        shape = None
+    memory = torch.cuda.get_device_properties(0).total_memory / GiB if on_gpu else None
+    try:
+        plan = plan_run(spec, shape, memory)
+    except DoesNotFit as exc:
+        raise ConfigError(str(exc)) from exc
+    log.info("plan: %s", plan.summary())
+    return plan
 
 
 class LoopCallback(TrainerCallback):
@@ -118,7 +123,7 @@ class LoopCallback(TrainerCallback):
         self._report(state, force=True)
 
 
-def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: BatchPlan, work_dir: Path,
+def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: RunPlan, work_dir: Path,
                   pad_id: int, callback_kwargs: dict) -> tuple[Trainer, LoopCallback]:
     t = spec.training
     on_gpu = next(model.parameters()).is_cuda

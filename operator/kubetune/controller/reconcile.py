@@ -15,10 +15,13 @@ from kubetune.api.validation import validate_object
 from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, configmap_name, job_name,
                                      run_output_uri)
 from kubetune.controller.kube import ApiError, KubeClient, path_for
+from kubetune.controller.planning import NotReady, plan_job
 from kubetune.controller.settings import OperatorSettings
+from kubetune.planning import DoesNotFit
 from kubetune.controller.status import TERMINAL, Observation, observe, set_condition, status_patch
 
 FTJ_PLURAL = "finetunejobs"
+NOT_READY_RETRY_S = 5  # a missing Secret or an unreachable store is looked at again this often
 
 
 def ftj_path(namespace: str, name: str, sub: str | None = None) -> str:
@@ -91,6 +94,8 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) 
     if job is None and status.get("phase") in TERMINAL:
         return  # a finished run is never started again
     if job is None:
+        if not await _planned(client, settings, body, ftj, status):
+            return
         limit = settings.max_running_per_namespace
         if limit and await _ahead_of(client, namespace, name, meta.get("creationTimestamp") or "") >= limit:
             await record(client, body, status, Observation("Queued", "WaitingForCapacity",
@@ -107,6 +112,38 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) 
     elif ftj.spec.queue_name and ftj.spec.suspend and not (job.get("spec") or {}).get("suspend"):
         job = await client.patch(f"{jobs_path}/{job_name(ftj)}", {"spec": {"suspend": True}})
     await observe_and_record(client, body, ftj, status, job)
+
+
+async def _planned(client: KubeClient, settings: OperatorSettings, body: dict, ftj: FineTuneJob,
+                   status: dict) -> bool:
+    """Plan once per generation. A job that cannot fit fails; one whose Secret or storage is not
+    there yet waits (it may be created after the job, as GitOps tools often do) and is retried."""
+    generation, now = body["metadata"].get("generation"), now_rfc3339()
+    done = next((c for c in status["conditions"] if c["type"] == "Planned"), None)
+    if done and done["status"] == "True" and done.get("observedGeneration") == generation:
+        return True
+    try:
+        plan = await plan_job(client, settings, ftj)
+    except DoesNotFit as exc:
+        message = f"does not fit its GPUs: {exc}"
+        status["conditions"] = set_condition(status["conditions"], "Planned", "False", "DoesNotFit", message,
+                                             generation, now)
+        await record(client, body, status, Observation("Failed", "DoesNotFit", message), generation)
+        return False
+    except NotReady as exc:
+        if not done or done.get("reason") != exc.reason:
+            kopf.warn(body, reason=exc.reason, message=exc.message)
+        conditions = set_condition(status["conditions"], "Planned", "False", exc.reason, exc.message, generation, now)
+        await write_status(client, body, {"phase": "Pending", "message": exc.message, "conditions": conditions,
+                                          "observedGeneration": generation})
+        raise kopf.TemporaryError(exc.message, delay=NOT_READY_RETRY_S) from exc
+    if plan.estimate is None:
+        reason, message = "DeferredToTrainer", ("the model's shape is read when the trainer loads it "
+                                                f"(no config.json at an s3:// base model): {plan.summary()}")
+    else:
+        reason, message = "Fits", plan.summary()
+    status["conditions"] = set_condition(status["conditions"], "Planned", "True", reason, message, generation, now)
+    return True
 
 
 async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, status: dict, job: dict | None) -> None:

@@ -14,6 +14,7 @@ class OperatorSettings:
     termination_grace_seconds: int = 300  # room for a checkpoint upload after SIGTERM
     max_running_per_namespace: int = 0  # 0: no limit
     volume_root: str = "/mnt/volumes"
+    gpu_memory_gib: float = 80.0  # of one GPU, for jobs that do not say (resources.gpuMemoryGiB)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
@@ -26,4 +27,5 @@ class OperatorSettings:
                                                   cls.termination_grace_seconds)),
             max_running_per_namespace=int(env.get("KUBETUNE_MAX_RUNNING_PER_NAMESPACE",
                                                   cls.max_running_per_namespace)),
+            gpu_memory_gib=float(env.get("KUBETUNE_GPU_MEMORY_GIB", cls.gpu_memory_gib)),
         )

@@ -141,30 +141,34 @@ class LocalLocation:
 class S3Location:
     """A key prefix in a bucket."""
 
-    def __init__(self, client: Minio, bucket: str, prefix: str):
+    def __init__(self, client: Minio, bucket: str, prefix: str, *, retry_budget_s: float = 120):
         self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+        self.retry_budget_s = retry_budget_s
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
 
     def _key(self, rel: str) -> str:
         return _rel_join(self.prefix, rel)
 
+    def _retry(self, what: str, op):
+        return with_retries(what, op, budget_s=self.retry_budget_s)
+
     def child(self, rel: str) -> "S3Location":
-        return S3Location(self.client, self.bucket, self._key(rel))
+        return S3Location(self.client, self.bucket, self._key(rel), retry_budget_s=self.retry_budget_s)
 
     def ensure_bucket(self) -> None:
-        if not with_retries(f"check bucket {self.bucket}", lambda: self.client.bucket_exists(self.bucket)):
-            with_retries(f"create bucket {self.bucket}", lambda: self.client.make_bucket(self.bucket))
+        if not self._retry(f"check bucket {self.bucket}", lambda: self.client.bucket_exists(self.bucket)):
+            self._retry(f"create bucket {self.bucket}", lambda: self.client.make_bucket(self.bucket))
 
     def put_file(self, rel: str, path: Path) -> None:
         key = self._key(rel)
         # A multipart upload becomes visible only when completed, so a retry never exposes half an object.
-        with_retries(f"upload {self.uri}/{rel}",
-                     lambda: self.client.fput_object(self.bucket, key, str(path), part_size=PART_SIZE))
+        self._retry(f"upload {self.uri}/{rel}",
+            lambda: self.client.fput_object(self.bucket, key, str(path), part_size=PART_SIZE))
 
     def put_bytes(self, rel: str, data: bytes) -> None:
         key = self._key(rel)
-        with_retries(f"upload {self.uri}/{rel}",
-                     lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data)))
+        self._retry(f"upload {self.uri}/{rel}",
+            lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data)))
 
     def _missing(self, exc: S3Error, rel: str) -> Exception:
         if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
@@ -180,7 +184,7 @@ class S3Location:
                 response.close()
                 response.release_conn()
         try:
-            return with_retries(f"download {self.uri}/{rel}", fetch)
+            return self._retry(f"download {self.uri}/{rel}", fetch)
         except S3Error as exc:
             raise self._missing(exc, rel) from exc
 
@@ -204,7 +208,7 @@ class S3Location:
                 response.release_conn()
 
         try:
-            with_retries(f"download {self.uri}/{rel}", fetch_rest)
+            self._retry(f"download {self.uri}/{rel}", fetch_rest)
         except S3Error as exc:
             if exc.code == "InvalidRange" and part.exists():
                 pass  # the .part file already holds the whole object
@@ -225,7 +229,7 @@ class S3Location:
             return [ObjectInfo(o.object_name[len(self.prefix) + 1 if self.prefix else 0:], o.size)
                     for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
         try:
-            return sorted(with_retries(f"list {self.uri}/{rel_prefix}", fetch), key=lambda o: o.rel)
+            return sorted(self._retry(f"list {self.uri}/{rel_prefix}", fetch), key=lambda o: o.rel)
         except S3Error as exc:
             if exc.code == "NoSuchBucket":
                 return []
@@ -234,14 +238,15 @@ class S3Location:
     def delete_prefix(self, rel_prefix: str) -> int:
         objects = self.list(rel_prefix)
         if objects:
-            errors = with_retries(f"delete {self.uri}/{rel_prefix}", lambda: list(self.client.remove_objects(
+            errors = self._retry(f"delete {self.uri}/{rel_prefix}", lambda: list(self.client.remove_objects(
                 self.bucket, [DeleteObject(self._key(o.rel)) for o in objects])))
             if errors:
                 raise RuntimeError(f"could not delete {len(errors)} object(s) under {self.uri}/{rel_prefix}")
         return len(objects)
 
 
-def open_location(uri: str | StorageUri, *, storage: StorageConfig | None, volume_root: Path) -> Location:
+def open_location(uri: str | StorageUri, *, storage: StorageConfig | None, volume_root: Path,
+                  retry_budget_s: float = 120) -> Location:
     """The Location for a spec URI. pvc://claim/path is the claim mounted at volume_root/claim."""
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if parsed.scheme == "pvc":
@@ -249,5 +254,5 @@ def open_location(uri: str | StorageUri, *, storage: StorageConfig | None, volum
     if parsed.scheme == "s3":
         if storage is None:
             raise ValueError(f"{parsed} needs object-store credentials (storage.secretRef)")
-        return S3Location(make_client(storage), parsed.authority, parsed.path)
+        return S3Location(make_client(storage), parsed.authority, parsed.path, retry_budget_s=retry_budget_s)
     raise ValueError(f"{parsed}: {parsed.scheme}:// is not a storage location")

@@ -1,0 +1,115 @@
+"""Peak GPU memory of one training process, from the model's shape and the run's settings.
+
+The terms are the ones that dominate a LoRA step on decoder-only transformers: the frozen base
+(NF4 or bf16), the trainable LoRA weights with their gradients and AdamW state (fp32), the
+activations kept for backward (all layers, or one layer's inputs per layer with checkpointing
+plus one layer being recomputed), and the logits with their fp32 upcast and gradient, which on
+150k-token vocabularies are the largest single term. Calibrated against peaks measured on an H100
+(bench/results/): the estimate errs on the high side so that a plan that fits does not OOM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+GiB = 1024**3
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64  # 4-bit codes plus double-quantized absmax per 64-value block
+BF16 = 2
+TRAINABLE_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
+LOGIT_BYTES_PER_ENTRY = 2 + 4 + 4 + 2  # bf16 logits, fp32 upcast and its gradient, the bf16 gradient
+RUNTIME_OVERHEAD_BYTES = 1.0 * GiB  # CUDA context, cuBLAS workspaces, kernels
+FRAGMENTATION = 1.08  # caching allocator slack observed at peak
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ModelShape":
+        """From a transformers config.json (Llama, Qwen2, Mistral, SmolLM and kin)."""
+        try:
+            heads = int(config["num_attention_heads"])
+            return cls(layers=int(config["num_hidden_layers"]), hidden=int(config["hidden_size"]),
+                       intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
+                       heads=heads, kv_heads=int(config.get("num_key_value_heads") or heads),
+                       tied_embeddings=bool(config.get("tie_word_embeddings", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"config.json does not describe a decoder-only transformer: {exc}") from exc
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection in one layer, by the names peft targets."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def parameters(self) -> int:
+        return self.linear_params + self.embedding_params
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    trainable: float
+    activations: float
+    logits: float
+    total: float  # bytes, overhead and fragmentation included
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GiB
+
+
+def lora_parameters(shape: ModelShape, r: int, targets: list[str]) -> int:
+    shapes = shape.linear_shapes()
+    # Names we do not know are counted as hidden x hidden: close for the attention projections
+    # that custom architectures rename.
+    chosen = list(shapes.values()) if targets == ["all-linear"] else [
+        shapes.get(t, (shape.hidden, shape.hidden)) for t in targets]
+    return shape.layers * sum(r * (a + b) for a, b in chosen)
+
+
+def _activation_bytes_per_token_layer(shape: ModelShape, lora_targets: list[str]) -> int:
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    saved = 8 * h + 2 * kv + 4 * i  # linear inputs, q/k/v and attention output, MLP gate/up/product
+    shapes = shape.linear_shapes()
+    adapted = shapes.values() if lora_targets == ["all-linear"] else [
+        shapes.get(t, (h, h)) for t in lora_targets]
+    saved += sum(a for a, _ in adapted)  # dropout output kept for each adapter's backward
+    return BF16 * saved + 4 * 2 * h  # plus the fp32 RMSNorm inputs
+
+
+def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_targets: list[str],
+                    micro_batch: int, seq_len: int, checkpointing: bool) -> MemoryEstimate:
+    weights = (shape.linear_params * (NF4_BYTES_PER_PARAM if quantized else BF16)
+               + shape.embedding_params * BF16)
+    trainable = lora_parameters(shape, lora_r, lora_targets) * TRAINABLE_BYTES_PER_PARAM
+    tokens = micro_batch * seq_len
+    per_layer = _activation_bytes_per_token_layer(shape, lora_targets) * tokens
+    if checkpointing:
+        activations = shape.layers * BF16 * shape.hidden * tokens + per_layer
+    else:
+        activations = shape.layers * per_layer
+    logits = tokens * shape.vocab * LOGIT_BYTES_PER_ENTRY
+    total = (weights + trainable + activations + logits) * FRAGMENTATION + RUNTIME_OVERHEAD_BYTES
+    return MemoryEstimate(weights, trainable, activations, logits, total)

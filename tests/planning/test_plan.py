@@ -1,0 +1,131 @@
+"""The planner: estimates that err high of measured peaks, plans that keep the effective batch, and
+refusals that say by how much and what to change."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune.planning import DoesNotFit, ModelShape, estimate_memory, plan_run
+
+QWEN_7B = ModelShape(layers=28, hidden=3584, intermediate=18944, vocab=152064, heads=28, kv_heads=4)
+QWEN_1_5B = ModelShape(layers=28, hidden=1536, intermediate=8960, vocab=151936, heads=12, kv_heads=2,
+                       tied_embeddings=True)
+QWEN_0_5B = ModelShape(layers=24, hidden=896, intermediate=4864, vocab=151936, heads=14, kv_heads=2,
+                       tied_embeddings=True)
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def spec(**overrides) -> FineTuneJobSpec:
+    base = {"baseModel": {"uri": "s3://models/qwen"}, "dataset": {"uri": "s3://data/train.jsonl"},
+            "output": {"uri": "s3://runs/out"}, "storage": {"secretRef": {"name": "s3"}}}
+    return FineTuneJobSpec.model_validate({**base, **overrides})
+
+
+def test_shape_from_a_transformers_config():
+    config = {"num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944, "vocab_size": 152064,
+              "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False}
+    shape = ModelShape.from_config(config)
+    assert shape == QWEN_7B
+    assert 7.5e9 < shape.parameters < 7.7e9  # Qwen2.5-7B has 7.61B parameters
+    with pytest.raises(ValueError, match="decoder-only"):
+        ModelShape.from_config({"model_type": "bert"})
+
+
+# Peaks measured on an H100 by bench/ (bench/results/h100-2026-11-22-first.json): the estimate
+# must not be below them (a plan that fits must not OOM) and not far above (or it refuses jobs that fit).
+MEASURED = [
+    (QWEN_1_5B, ATTN, 8, 2048, True, 33.51),
+    (QWEN_0_5B, ["all-linear"], 8, 512, True, 8.906),
+]
+
+
+@pytest.mark.parametrize("shape,targets,micro,seq,checkpointing,peak_gib", MEASURED)
+def test_estimate_errs_high_of_measured_peaks_by_little(shape, targets, micro, seq, checkpointing, peak_gib):
+    estimate = estimate_memory(shape, quantized=True, lora_r=16, lora_targets=targets, micro_batch=micro,
+                               seq_len=seq, checkpointing=checkpointing)
+    assert peak_gib <= estimate.total_gib <= peak_gib * 1.15
+
+
+def test_quantization_and_checkpointing_shrink_the_estimate():
+    def gib(**kw):
+        args = dict(quantized=True, lora_r=16, lora_targets=ATTN, micro_batch=4, seq_len=2048, checkpointing=True)
+        return estimate_memory(QWEN_7B, **{**args, **kw}).total_gib
+    assert gib() < gib(quantized=False)
+    assert gib() < gib(checkpointing=False)
+    assert gib(micro_batch=1) < gib()
+
+
+def test_prefers_no_checkpointing_when_it_fits_and_keeps_the_batch():
+    plan = plan_run(spec(training={"batchSize": 16, "maxSeqLength": 1024}), QWEN_0_5B, 80)
+    assert not plan.gradient_checkpointing
+    assert plan.effective_batch == 16
+    assert plan.estimate.total_gib <= 80 * 0.92
+
+
+def test_small_gpu_gets_checkpointing_and_accumulation():
+    plan = plan_run(spec(), QWEN_7B, 16)
+    assert plan.gradient_checkpointing and plan.micro_batch_size == 1
+    assert plan.gradient_accumulation_steps == 16 and plan.effective_batch == 16
+    assert "about 12." in plan.summary() and "of 16 GiB" in plan.summary()
+
+
+def _gib(shape, s, *, seq=None, quantized=None, micro=1, checkpointing=True) -> float:
+    return estimate_memory(shape, quantized=s.method == "qlora" if quantized is None else quantized,
+                           lora_r=s.lora.r, lora_targets=s.lora.target_modules, micro_batch=micro,
+                           seq_len=seq or s.training.max_seq_length, checkpointing=checkpointing).total_gib
+
+
+def test_refusal_says_by_how_much_and_what_to_change():
+    s = spec(method="lora", resources={"gpus": 1})
+    with pytest.raises(DoesNotFit) as refused:
+        plan_run(s, QWEN_7B, 16)
+    message, need = str(refused.value), _gib(QWEN_7B, s)
+    assert need > 16
+    assert f"needs about {need:.1f} GiB per GPU" in message and f"short by {need - 16 * 0.92:.1f} GiB" in message
+    assert f"use method qlora (about {_gib(QWEN_7B, s, quantized=True):.1f} GiB)" in message
+    assert f"at least {math.ceil(need / 0.92)} GiB (resources.gpuMemoryGiB)" in message
+    assert "maxSeqLength" not in message  # the bf16 weights alone do not fit: a shorter row would not help
+
+
+def test_refusal_names_the_longest_sequence_that_fits():
+    s = spec(training={"maxSeqLength": 32768})
+    with pytest.raises(DoesNotFit, match="lower training.maxSeqLength to 4096;") as refused:
+        plan_run(s, QWEN_7B, 24)
+    assert _gib(QWEN_7B, s, seq=4096) <= 24 * 0.92 < _gib(QWEN_7B, s, seq=8192)
+    assert "method qlora" not in str(refused.value)
+
+
+def test_a_fixed_micro_batch_is_kept_or_refused():
+    assert plan_run(spec(training={"microBatchSize": 2}), QWEN_7B, 80).micro_batch_size == 2
+    with pytest.raises(DoesNotFit, match="leave training.microBatchSize unset"):
+        plan_run(spec(training={"microBatchSize": 16, "gradientCheckpointing": "off"}), QWEN_7B, 80)
+
+
+def test_without_a_shape_or_a_gpu_the_defaults_apply():
+    assert plan_run(spec(), None, 80).micro_batch_size == 8
+    cpu = plan_run(spec(method="lora", resources={"gpus": 0}, storage=None,
+                        baseModel={"uri": "pvc://m/x"}, dataset={"uri": "pvc://d/x.jsonl"},
+                        output={"uri": "pvc://o/x"}), QWEN_0_5B, 80)
+    assert (cpu.micro_batch_size, cpu.gradient_checkpointing, cpu.estimate) == (4, False, None)
+
+
+@given(batch=st.integers(1, 512), gpus=st.sampled_from([1, 2, 4, 8]), nodes=st.integers(1, 4),
+       seq=st.sampled_from([256, 1024, 2048, 8192]), memory=st.sampled_from([24, 40, 80, 141]))
+def test_plans_fit_and_keep_the_effective_batch(batch, gpus, nodes, seq, memory):
+    s = spec(training={"batchSize": batch, "maxSeqLength": seq}, resources={"gpus": gpus, "nodes": nodes})
+    try:
+        plan = plan_run(s, QWEN_7B, memory)
+    except DoesNotFit as exc:
+        assert "short by" in str(exc)
+        return
+    world = gpus * nodes
+    assert plan.world_size == world
+    assert plan.estimate.total_gib <= memory * 0.92
+    assert batch <= plan.effective_batch < batch + world * plan.micro_batch_size
+    if batch % world == 0:
+        assert plan.effective_batch == batch
