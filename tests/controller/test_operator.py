@@ -11,28 +11,28 @@ import base64
 import json
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import kopf
 import pytest
+import yaml
 
 import kubetune.controller.handlers  # noqa: F401  (registers the handlers)
 from kubetune.contract import PROGRESS_ANNOTATION
-from tests.kube_emulator import ApiEmulator
+from kubetune.local.apiserver import ApiServer
 from tests.support import minimal_job, patched
 
-pytestmark = pytest.mark.kmock(cls=ApiEmulator)
+pytestmark = pytest.mark.kmock(cls=ApiServer)
 NS = "team-a"
 FTJ = "kubetune.dev/v1alpha1/finetunejobs"
 ADAPTERS = "kubetune.dev/v1alpha1/loraadapters"
+CRDS = Path(__file__).resolve().parents[2] / "crds"
 
 
 @pytest.fixture
 def cluster(kmock, tmp_path, monkeypatch):
-    kmock.resources.load_bundled()
-    for resource, kind in ((FTJ, "FineTuneJob"), (ADAPTERS, "LoraAdapter")):
-        kmock.resources[resource].namespaced = True
-        kmock.resources[resource].kind = kind
-        kmock.resources[resource].verbs = {"list", "watch", "get", "create", "patch", "delete"}
+    for crd in sorted(CRDS.glob("*.yaml")):
+        kmock.serve_crd(yaml.safe_load(crd.read_text()))
     config = tmp_path / "kubeconfig"
     config.write_text(f"""
 apiVersion: v1

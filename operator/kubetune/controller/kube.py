@@ -98,10 +98,7 @@ class KubeClient:
     async def list(self, path: str, labels: dict[str, str] | None = None) -> list[dict]:
         params = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
         body = await self._request("GET", path, params=params)
-        items = body.get("items", []) if body else []
-        # Filter here too: not every API (or emulator) honours labelSelector.
-        return [i for i in items if all((i.get("metadata", {}).get("labels") or {}).get(k) == v
-                                         for k, v in (labels or {}).items())]
+        return body.get("items", []) if body else []
 
     async def create(self, path: str, body: dict) -> dict:
         return await self._request("POST", path, json=body)
