@@ -6,7 +6,7 @@ import pytest
 
 from kubetune.storage.client import make_client
 from kubetune.storage.location import S3Location
-from tests.s3server import S3Server
+from kubetune.local.s3server import S3Server
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def s3_server(tmp_path_factory):
 def s3_bucket(s3_server) -> S3Location:
     """A fresh, empty bucket for one test."""
     location = S3Location(make_client(s3_server.config), f"t-{uuid.uuid4().hex[:12]}", "")
-    location.ensure_bucket()
+    location.ensure_ready()
     return location
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,62 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models_import(args: argparse.Namespace) -> int:
+    from kubetune.storage.config import StorageConfig
+    from kubetune.storage.models import import_model
+
+    storage = StorageConfig.from_env() if args.uri.startswith("s3://") else None
+    revision = import_model(Path(args.dir), args.uri, storage)
+    print(f"imported {args.dir} to {args.uri}; pin it with baseModel.revision: {revision}")
+    return 0
+
+
+def _cmd_local_demo(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kubetune.local.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # the S3 server's start-up probes
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the model conversion's progress bars
+    return asyncio.run(run_demo(Path(args.state), Path(args.file)))
+
+
+def _cmd_local_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from kubetune.local.stack import LocalStack
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        async with LocalStack(Path(args.state), api_port=args.port, gpus=args.gpus) as stack:
+            (stack.state / "ready").write_text(stack.url)
+            print(f"local stack up: KUBECONFIG={stack.kubeconfig}", flush=True)
+            await stop.wait()
+        (Path(args.state) / "ready").unlink(missing_ok=True)
+    asyncio.run(serve())
+    return 0
+
+
+def _cmd_local_up(args: argparse.Namespace) -> int:
+    from kubetune.local.daemon import start
+
+    return start(Path(args.state), args.port, args.gpus)
+
+
+def _cmd_local_down(args: argparse.Namespace) -> int:
+    from kubetune.local.daemon import stop
+
+    return stop(Path(args.state))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubetune import __version__
 
@@ -85,6 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     operator.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     operator.set_defaults(run=_cmd_operator)
+
+    models = sub.add_parser("models", help="base models in the object store").add_subparsers(
+        dest="models_command", required=True)
+    imp = models.add_parser("import", help="upload a local model directory with a manifest (air-gapped clusters); "
+                                           "credentials from KUBETUNE_S3_ENDPOINT/ACCESS_KEY/SECRET_KEY")
+    imp.add_argument("dir")
+    imp.add_argument("uri", help="s3://bucket/prefix")
+    imp.set_defaults(run=_cmd_models_import)
+
+    local = sub.add_parser("local", help="the local stack: API server, S3, operator, executor on 127.0.0.1")
+    local_sub = local.add_subparsers(dest="local_command", required=True)
+    for name, run, text in (("up", _cmd_local_up, "start it in the background and write a kubeconfig"),
+                            ("serve", _cmd_local_serve, "run it in the foreground"),
+                            ("down", _cmd_local_down, "stop a stack started with up"),
+                            ("demo", _cmd_local_demo, "a real fine-tune end to end on a fresh stack")):
+        cmd = local_sub.add_parser(name, help=text)
+        cmd.add_argument("--state", default=".kubetune-local", help="directory for the stack's state")
+        if name in ("up", "serve"):
+            cmd.add_argument("--port", type=int, default=0, help="API server port (default: any free one)")
+            cmd.add_argument("--gpus", type=int, default=0, help="GPUs the executor offers to pods")
+        if name == "demo":
+            cmd.add_argument("--file", default="examples/local/finetunejob.yaml", help="the FineTuneJob to apply")
+        cmd.set_defaults(run=run)
     return parser
 
 

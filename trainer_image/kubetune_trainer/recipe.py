@@ -100,8 +100,7 @@ class FineTuneRecipe:
         storage = self._storage()
         output = open_location(parse_uri(self.run_info.output_uri), storage=storage,
                                volume_root=Path(self.run_info.volume_root))
-        if hasattr(output, "ensure_bucket"):
-            output.ensure_bucket()
+        output.ensure_ready()
         source, data_path = self._setup_sources(storage)
         tokenizer = load_tokenizer(source.path)
         data = prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer)

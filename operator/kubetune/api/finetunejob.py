@@ -199,6 +199,8 @@ IMMUTABLE_AFTER_START = ("baseModel", "dataset", "method", "quantization", "lora
 
 
 class Progress(ApiModel):
+    stage: str | None = Field(default=None, max_length=32,
+                              description="What the trainer is doing: loading, evaluating, training, publishing, done.")
     step: int = Field(default=0, ge=0)
     total_steps: int | None = Field(default=None, ge=0)
     percent: int = Field(default=0, ge=0, le=100)

@@ -11,6 +11,7 @@ import kopf
 from kubetune.api import GROUP, VERSION
 from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
 from kubetune.controller.kube import KubeClient, KubeConfig
+from kubetune.controller.adapters import adapter_path, delete_artifacts, reconcile_adapter
 from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
 from kubetune.controller.settings import OperatorSettings
 
@@ -86,3 +87,19 @@ async def job_event(labels, namespace, memo: kopf.Memo, **_) -> None:
 async def pod_event(labels, namespace, memo: kopf.Memo, **_) -> None:
     await _owner_changed(labels, namespace, memo)
 
+
+
+@kopf.on.resume(GROUP, VERSION, "loraadapters")
+@kopf.on.create(GROUP, VERSION, "loraadapters")
+@kopf.on.update(GROUP, VERSION, "loraadapters", field="spec")
+async def adapter_changed(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+    async with memo.locks["loraadapters", namespace, name]:
+        body = await memo.client.get(adapter_path(namespace, name))
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        await reconcile_adapter(memo.client, memo.settings, body)
+
+
+@kopf.on.delete(GROUP, VERSION, "loraadapters")
+async def adapter_deleted(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    await delete_artifacts(memo.client, dict(body))

