@@ -53,9 +53,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
     import kubetune.controller.handlers  # noqa: F401  (registers the handlers)
 
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON if args.log_json else kopf.LogFormat.PLAIN)
     # Peering elects one active replica among several (Kopf's KopfPeering resources); standalone
     # runs without it, for single-replica installs and local stacks.
-    kopf.run(standalone=args.standalone, peering_name=args.peering, priority=args.priority,
+    kopf.run(standalone=args.standalone, peering_name=None if args.standalone else args.peering, priority=args.priority,
              clusterwide=not args.namespace, namespaces=args.namespace or (),
              liveness_endpoint=args.liveness)
     return 0
@@ -68,6 +69,23 @@ def _cmd_models_import(args: argparse.Namespace) -> int:
     storage = StorageConfig.from_env() if args.uri.startswith("s3://") else None
     revision = import_model(Path(args.dir), args.uri, storage)
     print(f"imported {args.dir} to {args.uri}; pin it with baseModel.revision: {revision}")
+    return 0
+
+
+def _cmd_adapters_list(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kubetune.controller.adapters import LABEL_ADAPTER, adapters_table
+    from kubetune.controller.kube import KubeClient, KubeConfig, path_for
+
+    async def fetch() -> list[dict]:
+        client = KubeClient(KubeConfig.load())
+        try:
+            labels = {LABEL_ADAPTER: args.name} if args.name else None
+            return await client.list(path_for("kubetune.dev/v1alpha1", "loraadapters", args.namespace), labels)
+        finally:
+            await client.close()
+    print(adapters_table(asyncio.run(fetch()), production_only=args.production))
     return 0
 
 
@@ -88,6 +106,7 @@ def _cmd_local_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from kubetune.local.demo import prepare_inputs
     from kubetune.local.stack import LocalStack
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -97,6 +116,7 @@ def _cmd_local_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         async with LocalStack(Path(args.state), api_port=args.port, gpus=args.gpus) as stack:
+            await asyncio.to_thread(prepare_inputs, stack)
             (stack.state / "ready").write_text(stack.url)
             print(f"local stack up: KUBECONFIG={stack.kubeconfig}", flush=True)
             await stop.wait()
@@ -141,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--peering", default="kubetune", help="KopfPeering name shared by the replicas")
     operator.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     operator.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    operator.add_argument("--verbose", action="store_true", help="debug logging")
+    operator.add_argument("--log-json", action="store_true", help="JSON log lines (for log collectors)")
     operator.set_defaults(run=_cmd_operator)
 
     models = sub.add_parser("models", help="base models in the object store").add_subparsers(
@@ -150,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("dir")
     imp.add_argument("uri", help="s3://bucket/prefix")
     imp.set_defaults(run=_cmd_models_import)
+
+    adapters = sub.add_parser("adapters", help="LoraAdapters in the cluster").add_subparsers(
+        dest="adapters_command", required=True)
+    listing = adapters.add_parser("list", help="versions by adapter name, with stage and phase (kubeconfig)")
+    listing.add_argument("name", nargs="?", help="only this adapter name")
+    listing.add_argument("--namespace", "-n", default="default")
+    listing.add_argument("--production", action="store_true", help="only the version in production")
+    listing.set_defaults(run=_cmd_adapters_list)
 
     local = sub.add_parser("local", help="the local stack: API server, S3, operator, executor on 127.0.0.1")
     local_sub = local.add_subparsers(dest="local_command", required=True)

@@ -366,3 +366,96 @@ async def test_missing_secret_and_wrong_credentials_wait_with_a_clear_message(cl
     # The credential never leaks into what the operator wrote.
     written = json.dumps([o.raw for (res, _, _), o in list(cluster.objects.items()) if res.plural != "secrets"])
     assert wrong not in written and s3_server.config.secret_key not in written
+
+
+def published_run(tmp_path, location, eval_loss: float) -> str:
+    """A run published the way the trainer publishes one: files first, the manifest last."""
+    from kubetune.storage.manifest import Manifest, describe_dir, publish
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text('{"r": 16}')
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    manifest = Manifest("RunManifest", describe_dir(run), {
+        "metrics": {"final": {"evalLoss": eval_loss, "exactMatch": 1.0}, "train": {"steps": 30}},
+        "lineage": {"fineTuneJob": f"{NS}/job", "datasetSha256": "d" * 64, "baseModelUri": "s3://models/base"},
+        "layout": {"adapter": "adapter", "merged": None}})
+    return publish(location, manifest, run)
+
+
+def adapter_doc(bucket: str, name: str = "invoices-v1", **spec):
+    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": name, "namespace": NS},
+            "spec": {"adapterName": "invoices", "baseModel": {"uri": "s3://models/base"},
+                     "artifact": {"uri": f"s3://{bucket}/run"}, "storage": {"secretRef": {"name": "s3"}}, **spec}}
+
+
+def adapter_status(kmock, name="invoices-v1"):
+    return (obj(kmock, ADAPTERS, name) or {}).get("status") or {}
+
+
+def adapter_condition(kmock, type_, name="invoices-v1"):
+    return next((c for c in adapter_status(kmock, name).get("conditions", []) if c["type"] == type_), {})
+
+
+async def test_adapter_is_verified_promoted_through_its_gate_and_labelled(cluster, s3_bucket, s3_server, tmp_path):
+    digest = published_run(tmp_path, s3_bucket.child("run"), eval_loss=0.4)
+    await cluster.post(f"/api/v1/namespaces/{NS}/secrets", json=secret_doc(s3_server.config))
+    adapters = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters"
+    async with running_operator():
+        await cluster.post(adapters, json=adapter_doc(s3_bucket.bucket, artifact={
+            "uri": f"s3://{s3_bucket.bucket}/run", "manifestSha256": digest},
+            stage="production", evaluationGate=[{"metric": "evalLoss", "max": 0.25}]))
+        await wait_for(lambda: adapter_status(cluster).get("phase") == "Ready", timeout=20, what="Ready")
+        assert adapter_condition(cluster, "Verified")["status"] == "True"
+        status = adapter_status(cluster)
+        assert status["metrics"] == {"evalLoss": 0.4, "exactMatch": 1.0, "train.steps": 30.0}
+        assert status["lineage"]["datasetSha256"] == "d" * 64 and "--enable-lora" in status["serving"]["vllm"]
+        # The gate holds the promotion back and says why; the adapter stays usable as a candidate.
+        assert status["stage"] == "candidate"
+        promoted = adapter_condition(cluster, "Promoted")
+        assert (promoted["status"], promoted["reason"]) == ("False", "GateBlocked")
+        assert "evalLoss 0.4 > max 0.25" in promoted["message"]
+        assert obj(cluster, ADAPTERS, "invoices-v1")["metadata"]["labels"] == {
+            "kubetune.dev/adapter": "invoices", "kubetune.dev/stage": "candidate"}
+        await cluster.patch(f"{adapters}/invoices-v1", json={"spec": {"evaluationGate": [
+            {"metric": "evalLoss", "max": 0.5}]}})
+        await wait_for(lambda: adapter_status(cluster).get("stage") == "production", what="promoted")
+        assert adapter_condition(cluster, "Promoted")["status"] == "True"
+        await wait_for(lambda: obj(cluster, ADAPTERS, "invoices-v1")["metadata"]["labels"]["kubetune.dev/stage"]
+                       == "production", what="production label")
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+async def test_damaged_artifact_is_not_verified_and_names_the_file(cluster, s3_bucket, s3_server, tmp_path, damage):
+    published_run(tmp_path, s3_bucket.child("run"), eval_loss=0.4)
+    key = "run/adapter/adapter_model.safetensors"
+    if damage == "corrupt":  # same size, different bytes: only the sha256 can tell
+        s3_bucket.put_bytes(key, bytes(reversed(range(256))) * 64)
+    else:
+        s3_bucket.client.remove_object(s3_bucket.bucket, key)
+    await cluster.post(f"/api/v1/namespaces/{NS}/secrets", json=secret_doc(s3_server.config))
+    async with running_operator():
+        await cluster.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters", json=adapter_doc(s3_bucket.bucket))
+        await wait_for(lambda: adapter_status(cluster).get("phase") == "Failed", timeout=20, what="Failed")
+    verified = adapter_condition(cluster, "Verified")
+    assert (verified["status"], verified["reason"]) == ("False", "ChecksumMismatch")
+    expected = "sha256 mismatch" if damage == "corrupt" else "missing"
+    assert f"adapter/adapter_model.safetensors: {expected}" in verified["message"]
+    assert adapter_condition(cluster, "Ready")["status"] == "False"
+
+
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+async def test_deletion_policy_decides_whether_artifacts_go(cluster, s3_bucket, s3_server, tmp_path, policy):
+    published_run(tmp_path, s3_bucket.child("run"), eval_loss=0.4)
+    s3_bucket.put_bytes("other-run/manifest.json", b"{}")  # a neighbour that must survive either way
+    await cluster.post(f"/api/v1/namespaces/{NS}/secrets", json=secret_doc(s3_server.config))
+    path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters"
+    async with running_operator():
+        await cluster.post(path, json=adapter_doc(s3_bucket.bucket, deletionPolicy=policy))
+        await wait_for(lambda: adapter_status(cluster).get("phase") == "Ready", timeout=20, what="Ready")
+        await cluster.delete(f"{path}/invoices-v1")
+        await wait_for(lambda: obj(cluster, ADAPTERS, "invoices-v1") is None, timeout=20, what="deleted")
+    left = {o.rel for o in s3_bucket.list()}
+    assert "other-run/manifest.json" in left
+    assert ("run/manifest.json" in left) == (policy == "Retain")
+    assert any(r.startswith("run/adapter/") for r in left) == (policy == "Retain")

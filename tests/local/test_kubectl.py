@@ -54,7 +54,7 @@ async def test_kubectl_works_as_against_a_cluster(kmock, kubectl):
     assert "finetunejob.kubetune.dev/invoices-local" in await kubectl("get", "kubetune")  # the CRD's category
 
     doc = yaml.safe_load(await kubectl("get", "ftj", "invoices-local", "-o", "yaml"))
-    assert doc["spec"]["baseModel"]["uri"] == "pvc://models/smollm2" and doc["metadata"]["uid"]
+    assert doc["spec"]["baseModel"]["uri"] == "s3://models/smollm2" and doc["metadata"]["uid"]
     assert doc["status"]["phase"] == "Running"
 
     await kmock.post("/api/v1/namespaces/default/events", json={

@@ -13,10 +13,9 @@ from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.planning import DoesNotFit, ModelShape, estimate_memory, plan_run
 
 QWEN_7B = ModelShape(layers=28, hidden=3584, intermediate=18944, vocab=152064, heads=28, kv_heads=4)
-QWEN_1_5B = ModelShape(layers=28, hidden=1536, intermediate=8960, vocab=151936, heads=12, kv_heads=2,
-                       tied_embeddings=True)
-QWEN_0_5B = ModelShape(layers=24, hidden=896, intermediate=4864, vocab=151936, heads=14, kv_heads=2,
-                       tied_embeddings=True)
+# As bench/archs.py builds them (untied embeddings), for the peaks measured there.
+BENCH_1_5B = ModelShape(layers=28, hidden=1536, intermediate=8960, vocab=151936, heads=12, kv_heads=2)
+BENCH_0_5B = ModelShape(layers=24, hidden=896, intermediate=4864, vocab=151936, heads=14, kv_heads=2)
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -36,11 +35,14 @@ def test_shape_from_a_transformers_config():
         ModelShape.from_config({"model_type": "bert"})
 
 
-# Peaks measured on an H100 by bench/ (bench/results/h100-2026-11-22-first.json): the estimate
-# must not be below them (a plan that fits must not OOM) and not far above (or it refuses jobs that fit).
+# Peaks measured on an H100 by bench/ (bench/results/h100-2026-11-22-*.json): the estimate must
+# not be below them (a plan that fits must not OOM) and not far above (or it refuses jobs that fit).
 MEASURED = [
-    (QWEN_1_5B, ATTN, 8, 2048, True, 33.51),
-    (QWEN_0_5B, ["all-linear"], 8, 512, True, 8.906),
+    (BENCH_1_5B, ATTN, 8, 2048, True, 33.51),
+    (BENCH_1_5B, ATTN, 16, 2048, True, 64.10),
+    (QWEN_7B, ATTN, 8, 2048, True, 42.68),
+    (QWEN_7B, ["all-linear"], 8, 2048, True, 43.13),
+    (BENCH_0_5B, ["all-linear"], 8, 512, True, 8.906),
 ]
 
 
@@ -61,7 +63,7 @@ def test_quantization_and_checkpointing_shrink_the_estimate():
 
 
 def test_prefers_no_checkpointing_when_it_fits_and_keeps_the_batch():
-    plan = plan_run(spec(training={"batchSize": 16, "maxSeqLength": 1024}), QWEN_0_5B, 80)
+    plan = plan_run(spec(training={"batchSize": 16, "maxSeqLength": 1024}), BENCH_0_5B, 80)
     assert not plan.gradient_checkpointing
     assert plan.effective_batch == 16
     assert plan.estimate.total_gib <= 80 * 0.92
@@ -110,7 +112,7 @@ def test_without_a_shape_or_a_gpu_the_defaults_apply():
     assert plan_run(spec(), None, 80).micro_batch_size == 8
     cpu = plan_run(spec(method="lora", resources={"gpus": 0}, storage=None,
                         baseModel={"uri": "pvc://m/x"}, dataset={"uri": "pvc://d/x.jsonl"},
-                        output={"uri": "pvc://o/x"}), QWEN_0_5B, 80)
+                        output={"uri": "pvc://o/x"}), BENCH_0_5B, 80)
     assert (cpu.micro_batch_size, cpu.gradient_checkpointing, cpu.estimate) == (4, False, None)
 
 

@@ -161,6 +161,22 @@ def _promote(requested: str, current: str, gate: list[Threshold], metrics: dict[
     return requested, set_condition(conditions, "Promoted", "True", "StageSet", f"stage {requested}", generation, now)
 
 
+def adapters_table(adapters: list[dict], *, production_only: bool = False) -> str:
+    """`kubetune adapters list`: one line per version, grouped by adapter name, newest first."""
+    rows = []
+    for a in adapters:
+        spec, status = a.get("spec") or {}, a.get("status") or {}
+        if production_only and status.get("stage") != "production":
+            continue
+        rows.append((spec.get("adapterName") or a["metadata"]["name"], -int(spec.get("version", 1)),
+                     a["metadata"]["name"], status.get("stage") or "-", status.get("phase") or "Pending",
+                     status.get("adapterUri") or (spec.get("artifact") or {}).get("uri", "")))
+    lines = [("ADAPTER", "VERSION", "RESOURCE", "STAGE", "PHASE", "ADAPTER URI")]
+    lines += [(n, str(-v), r, st, ph, uri) for n, v, r, st, ph, uri in sorted(rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:5], widths)) + "  " + line[5] for line in lines)
+
+
 async def delete_artifacts(client: KubeClient, body: dict) -> None:
     """deletionPolicy Delete: the run's objects go with the resource (Retain keeps them)."""
     spec = body.get("spec") or {}

@@ -21,13 +21,14 @@ import re
 import uuid
 import aiohttp.web
 import kmock
-from kmock import KubernetesEmulator
+from kmock import KubernetesEmulator, KubernetesScaffold
 
 from kubetune.local.selectors import field_selector, label_selector
 from kubetune.local.tables import to_table, wants_table
 
 WITH_STATUS = {"finetunejobs", "loraadapters", "jobs", "pods", "customresourcedefinitions"}
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
+NAMESPACE_LIST = re.compile(r"^/api/v1/namespaces/?$")
 BUILTINS = ("v1/namespaces", "v1/events", "v1/pods", "v1/configmaps", "v1/secrets", "v1/services",
             "v1/serviceaccounts", "batch/v1/jobs", "coordination.k8s.io/v1/leases", CRD_RESOURCE)
 
@@ -48,18 +49,61 @@ def _group_version(resource) -> str:
 
 
 class ApiServer(KubernetesEmulator):
-    """Use as kmock's handler: `async with ApiServer() as api, kmock.Server(api): ...`."""
+    """Use as kmock's handler: `async with ApiServer() as api, kmock.Server(api): ...`.
+
+    kmock keeps every request for assertions and matches each new one against that log; a
+    long-running stack keeps only the most recent `request_log_limit` so a request costs the same
+    after an hour as after a second (tests leave it unlimited to assert on what was sent)."""
+
+    request_log_limit: int | None = None
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.revisions = itertools.count(1000)
         self.revision = 1000
         self.printer_columns: dict[tuple[str, str], list[dict]] = {}
+        self.created_namespaces: set[str] = set()
         self.resources.load_bundled()
         for name in BUILTINS:
             self.resources[name].verbs = {"create", "delete", "get", "list", "patch", "update", "watch"}
         self.fallback["get /openapi/v3"] << self._serve_openapi_root
         self.fallback["get", re.compile(r"/openapi/v3/apis?/.+")] << self._serve_openapi_group_version
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw_request.method == "GET" and NAMESPACE_LIST.match(raw_request.path):
+            return await self._serve_namespaces(raw_request)
+        if raw_request.method == "POST" and NAMESPACE_LIST.match(raw_request.path):
+            body = await raw_request.json()
+            self.created_namespaces.add(body["metadata"]["name"])
+            return aiohttp.web.json_response({**body, "status": {"phase": "Active"}}, status=201)
+        return await super().__call__(raw_request)
+
+    def _namespaces(self) -> list[str]:
+        return sorted({"default"} | self.created_namespaces
+                      | {ns for (_, ns, _), o in list(self.objects.items()) if ns and not o.deleted})
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Namespaces: default, those created, and every one that holds an object. (kmock cannot
+        route the cluster-scoped /api/v1/namespaces, which Kopf lists to find what to watch.)"""
+        def namespace(name: str) -> dict:
+            return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+                    "status": {"phase": "Active"}}
+        if raw_request.query.get("watch") != "true":
+            return aiohttp.web.json_response({"kind": "NamespaceList", "apiVersion": "v1",
+                                              "metadata": {"resourceVersion": str(self.revision)},
+                                              "items": [namespace(n) for n in self._namespaces()]})
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+        sent: set[str] = set()
+        try:
+            while True:
+                for name in self._namespaces():
+                    if name not in sent:
+                        sent.add(name)
+                        await response.write(json.dumps({"type": "ADDED", "object": namespace(name)}).encode() + b"\n")
+                await asyncio.sleep(1)
+        except (ConnectionError, asyncio.CancelledError):
+            return response
 
     def _next_revision(self) -> str:
         self.revision = next(self.revisions)
@@ -67,6 +111,8 @@ class ApiServer(KubernetesEmulator):
 
     # -- writes -----------------------------------------------------------------------------------
     async def _handle(self, request):
+        if self.request_log_limit and len(self._requests) > self.request_log_limit:
+            del self._requests[: -self.request_log_limit // 2]
         data = request.data
         if request.resource is not None and isinstance(data, dict) and request.action is not None:
             action, plural = request.action.name, request.resource.plural
@@ -128,11 +174,18 @@ class ApiServer(KubernetesEmulator):
     def _matching(self, request) -> list[dict]:
         labels = label_selector(request.params.get("labelSelector"))
         fields = field_selector(request.params.get("fieldSelector"))
-        return [o.raw for (resource, namespace, name), o in list(self.objects.items())
-                if resource == request.resource and not o.deleted
-                and (request.namespace is None or namespace == request.namespace)
-                and (request.name is None or name == request.name)
-                and labels(o.raw) and fields(o.raw)]
+        group, plural = request.resource.group, request.resource.plural
+        found = []
+        for (resource, namespace, name), o in list(self.objects.items()):
+            # Plain string comparisons first: this runs over every object on every list.
+            if resource.plural != plural or resource.group != group or o.deleted:
+                continue
+            if (request.namespace is None or namespace == request.namespace) and (
+                    request.name is None or name == request.name):
+                raw = o.raw
+                if labels(raw) and fields(raw):
+                    found.append(raw)
+        return found
 
     def _render(self, request, items: list[dict]) -> dict:
         if wants_table(request.headers.get("Accept", "")):
@@ -143,8 +196,24 @@ class ApiServer(KubernetesEmulator):
                 "apiVersion": _group_version(request.resource),
                 "metadata": {"resourceVersion": str(self.revision)}, "items": items}
 
+    # kmock finds an object by scanning them all; these look it up by key, so a request costs the
+    # same with ten objects as with ten thousand.
+    def _object(self, request, namespace: str | None = None, name: str | None = None):
+        key = (request.resource, namespace or request.namespace, name or request.name)
+        return self.objects[key] if key in self.objects else None
+
+    async def _serve_create(self, request) -> kmock.Payload:
+        meta = request.data.get("metadata", {})
+        return self._object(request, meta.get("namespace"), meta.get("name")).raw
+
+    async def _serve_update(self, request) -> kmock.Payload:
+        return self._object(request).last.raw
+
+    async def _serve_delete(self, request) -> kmock.Payload:
+        return self._object(request).last.raw
+
     async def _serve_list(self, request) -> kmock.Payload:
-        if request.resource not in self._get_resources():
+        if request.resource not in KubernetesScaffold._get_resources(self):  # declared ones: no object scan
             raise kmock.KubernetesResourceNotFoundError()
         async with self._lock:
             items = self._matching(request)
@@ -152,7 +221,10 @@ class ApiServer(KubernetesEmulator):
                                                                   o["metadata"]["name"])))
 
     async def _serve_fetch(self, request) -> kmock.Payload:
-        found = await super()._serve_fetch(request)
+        obj = self._object(request)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        found = obj.raw
         if wants_table(request.headers.get("Accept", "")):
             columns = self.printer_columns.get((request.resource.group, request.resource.plural))
             return to_table([found], columns, str(self.revision))

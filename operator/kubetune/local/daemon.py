@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 
-def start(state: Path, port: int, gpus: int, timeout_s: float = 60) -> int:
+def start(state: Path, port: int, gpus: int, timeout_s: float = 300) -> int:
     state.mkdir(parents=True, exist_ok=True)
     pid_file, ready = state / "stack.pid", state / "ready"
     if pid_file.exists() and _alive(int(pid_file.read_text())):

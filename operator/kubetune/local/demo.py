@@ -23,7 +23,8 @@ from kubetune.storage.models import import_model
 SAMPLE_RECORDS = 120
 
 
-def _prepare_inputs(stack: LocalStack) -> None:
+def prepare_inputs(stack: LocalStack) -> None:
+    """The sample base model and dataset, in the stack's S3 server where the local example expects them."""
     from kubetune_trainer.gguf_import import import_gguf, smollm2_gguf
     from kubetune_trainer.samples import invoice_records
 
@@ -59,7 +60,7 @@ async def run_demo(state: Path, manifest_file: Path, timeout_s: float = 1800) ->
     async with LocalStack(state) as stack:
         print(f"local stack: API {stack.url}, S3 {stack.storage.endpoint}; "
               f"kubectl: KUBECONFIG={stack.kubeconfig} kubectl get ftj")
-        await asyncio.to_thread(_prepare_inputs, stack)
+        await asyncio.to_thread(prepare_inputs, stack)
         started = time.monotonic()
         await stack.apply(doc)
         print(f"applied     {manifest_file} (FineTuneJob {namespace}/{name})")
