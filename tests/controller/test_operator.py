@@ -32,7 +32,8 @@ CRDS = Path(__file__).resolve().parents[2] / "crds"
 @pytest.fixture
 def cluster(kmock, tmp_path, monkeypatch):
     for crd in sorted(CRDS.glob("*.yaml")):
-        kmock.serve_crd(yaml.safe_load(crd.read_text()))
+        for doc in yaml.safe_load_all(crd.read_text()):
+            kmock.serve_crd(doc)
     config = tmp_path / "kubeconfig"
     config.write_text(f"""
 apiVersion: v1

@@ -114,6 +114,23 @@ def render_crd(kind: type[Resource]) -> str:
     return HEADER + yaml.safe_dump(build_crd(kind), sort_keys=False, width=120)
 
 
+def peering_crds() -> list[dict[str, Any]]:
+    """Kopf's peering resources, through which operator replicas elect the one that is active
+    (KopfPeering for namespaced operators, ClusterKopfPeering for cluster-wide ones)."""
+    def crd(kind: str, plural: str, scope: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev", "labels": {"app.kubernetes.io/part-of": "kubetune"}},
+            "spec": {"group": "kopf.dev", "scope": scope,
+                     "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": plural[:-1]},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                         # Kopf writes each replica's heartbeat into status with a plain patch.
+                         "properties": {"status": {"type": "object",
+                                                   "x-kubernetes-preserve-unknown-fields": True}}}}}]}}
+    return [crd("KopfPeering", "kopfpeerings", "Namespaced"), crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster")]
+
+
 def crd_files(root: Path) -> dict[Path, str]:
     """Every generated file under the repository root, with its content."""
     files: dict[Path, str] = {}
@@ -121,4 +138,7 @@ def crd_files(root: Path) -> dict[Path, str]:
         text = render_crd(kind)
         for folder in ("crds", "charts/kubetune/crds"):
             files[root / folder / f"{crd_name(kind)}.yaml"] = text
+    peering = HEADER + yaml.safe_dump_all(peering_crds(), sort_keys=False, width=120)
+    for folder in ("crds", "charts/kubetune/crds"):
+        files[root / folder / "kopf.dev-peering.yaml"] = peering
     return files
