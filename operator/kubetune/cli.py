@@ -113,14 +113,17 @@ def _cmd_local_serve(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        async with LocalStack(Path(args.state), api_port=args.port, gpus=args.gpus) as stack:
-            await asyncio.to_thread(prepare_inputs, stack)
-            (stack.state / "ready").write_text(stack.url)
-            print(f"local stack up: KUBECONFIG={stack.kubeconfig}", flush=True)
-            await stop.wait()
-        (Path(args.state) / "ready").unlink(missing_ok=True)
+        try:
+            async with LocalStack(Path(args.state), api_port=args.port, gpus=args.gpus) as stack:
+                # After the stack is up: Kopf installs its own handlers when the operator starts.
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+                await asyncio.to_thread(prepare_inputs, stack)
+                (stack.state / "ready").write_text(stack.url)
+                print(f"local stack up: KUBECONFIG={stack.kubeconfig}", flush=True)
+                await stop.wait()
+        finally:
+            (Path(args.state) / "ready").unlink(missing_ok=True)
     asyncio.run(serve())
     return 0
 

@@ -166,6 +166,7 @@ class ApiServer(KubernetesEmulator):
     # -- reads ------------------------------------------------------------------------------------
     async def _serve_version(self, request) -> kmock.Payload:
         listing = await super()._serve_version(request)
+        listing["groupVersion"] = _group_version(request.resource)  # "v1" for the core group, not "/v1"
         for entry in listing["resources"]:
             if "/" in entry["name"]:  # subresources have no short names or categories of their own
                 entry["shortNames"], entry["categories"] = [], []
