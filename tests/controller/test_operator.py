@@ -241,18 +241,26 @@ async def test_training_fields_cannot_change_after_start(cluster):
         assert spec["lora"]["r"] == 16  # the running job keeps what it started with
 
 
-@pytest.mark.parametrize("phase", ["Pending", "Running", "Succeeded"])
+@pytest.mark.parametrize("phase", ["Pending", "Running", "Suspended", "Succeeded", "Failed"])
 async def test_restart_in_every_phase_adopts_and_never_duplicates(cluster, phase):
     async with running_operator():
         await apply(cluster, job_doc())
         await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
-        if phase in ("Running", "Succeeded"):
+        if phase != "Pending":
             await pod(cluster, "p1", "Running")
             await wait_for(lambda: status(cluster).get("phase") == "Running", what="Running")
+        if phase == "Suspended":
+            await cluster.patch(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job",
+                                json={"spec": {"suspend": True}})
+            await cluster.delete(f"/api/v1/namespaces/{NS}/pods/p1")  # the Job controller removes the pod
         if phase == "Succeeded":
             await pod(cluster, "p1", "Succeeded", exit_code=0, message={"manifestSha256": "b" * 64})
             await job_status(cluster, Complete="True")
-            await wait_for(lambda: status(cluster).get("phase") == "Succeeded", what="Succeeded")
+        if phase == "Failed":
+            await pod(cluster, "p1", "Failed", exit_code=65, message={"error": {"reason": "InvalidDataset",
+                                                                              "message": "line 3: not JSON"}})
+            await job_status(cluster, Failed="True")
+        await wait_for(lambda: status(cluster).get("phase") == phase, what=phase)
     # A new operator starts and resumes the FineTuneJob: it reads the Job that exists and adopts it.
     mark = len(list(cluster))
     async with running_operator():

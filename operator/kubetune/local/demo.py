@@ -28,7 +28,8 @@ def prepare_inputs(stack: LocalStack) -> None:
     from kubetune_trainer.gguf_import import import_gguf, smollm2_gguf
     from kubetune_trainer.samples import invoice_records
 
-    model_dir = import_gguf(smollm2_gguf(), stack.state.parent / "models" / "smollm2")  # cached across runs
+    # Converted once, kept across stacks.
+    model_dir = import_gguf(smollm2_gguf(), Path.home() / ".cache" / "kubetune" / "models" / "smollm2")
     revision = import_model(model_dir, "s3://models/smollm2", stack.storage)
     print(f"base model  s3://models/smollm2 (manifest sha256 {revision[:16]}…)")
     data = io.StringIO()

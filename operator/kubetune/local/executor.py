@@ -90,9 +90,9 @@ class LocalExecutor:
                 await self._delete_pod(pod)
         for key, job in jobs.items():
             await self._sync_job(job, by_job[key])
+        owned = {_key(p) for ps in by_job.values() for p in ps}
         for pod in pods:
-            if _phase(pod) == "Pending" and _key(pod) not in self.running and pod["metadata"]["name"] in {
-                    p["metadata"]["name"] for ps in by_job.values() for p in ps}:
+            if _phase(pod) == "Pending" and _key(pod) not in self.running and _key(pod) in owned:
                 await self._launch(pod)
 
     # -- the Job controller ---------------------------------------------------------------------
