@@ -66,8 +66,12 @@ def _cmd_models_import(args: argparse.Namespace) -> int:
     from kubetune.storage.config import StorageConfig
     from kubetune.storage.models import import_model
 
-    storage = StorageConfig.from_env() if args.uri.startswith("s3://") else None
-    revision = import_model(Path(args.dir), args.uri, storage)
+    try:
+        storage = StorageConfig.from_env() if args.uri.startswith("s3://") else None
+        revision = import_model(Path(args.dir), args.uri, storage)
+    except ValueError as exc:  # not a model directory, a bad URI, incomplete credentials
+        print(f"kubetune models import: {exc}", file=sys.stderr)
+        return 1
     print(f"imported {args.dir} to {args.uri}; pin it with baseModel.revision: {revision}")
     return 0
 

@@ -65,6 +65,22 @@ def run_spec(path: Path) -> int:
     return EXIT_OK
 
 
+def run_merge_job(path: Path) -> int:
+    from kubetune_trainer.merge_job import load, run_merge
+
+    try:
+        uri, digest = run_merge(load(path))
+    except (ConfigError, StorageConfigError, ValidationError) as exc:
+        return _failure("InvalidConfiguration", exc, EXIT_CONFIG)
+    except StorageUnavailable as exc:
+        return _failure("StorageUnavailable", exc, EXIT_UNAVAILABLE)
+    except Exception as exc:  # noqa: BLE001 - the process boundary: report, then fail
+        log.exception("merge failed")
+        return _failure("MergeError", exc, EXIT_FAILED)
+    write_termination_message({"manifest": uri, "manifestSha256": digest})
+    return EXIT_OK
+
+
 def run_merge(base: Path, adapter: Path, out: Path, dtype_name: str) -> int:
     import torch
 
@@ -84,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--adapter", type=Path, required=True)
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    merge_job = sub.add_parser("merge-job", help="the LoraAdapter merge Job: from object storage to object storage")
+    merge_job.add_argument("--spec", type=Path, required=True, help="merge spec JSON (baseModel, artifactUri, dtype)")
     args = parser.parse_args(argv)
     if args.command == "merge":
         return run_merge(args.base, args.adapter, args.out, args.dtype)
+    if args.command == "merge-job":
+        return run_merge_job(args.spec)
     if not args.spec:
         parser.error("--spec is required")
     return run_spec(args.spec)

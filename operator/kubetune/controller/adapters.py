@@ -17,15 +17,18 @@ from kubetune.api.meta import now_rfc3339
 from kubetune.api.uris import parse_uri
 from kubetune.api.validation import validate_object
 from kubetune.controller.kube import KubeClient, path_for
+from kubetune.controller.merging import LABEL_ADAPTER_OWNER, build_merge_objects, merge_job_name
+from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.secrets import NotReady, storage_config
 from kubetune.controller.settings import OperatorSettings
-from kubetune.controller.status import set_condition
+from kubetune.controller.status import failure_message, set_condition
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.location import ObjectMissing, open_location
 from kubetune.storage.manifest import MANIFEST, Manifest, verify
 
 LABEL_ADAPTER = "kubetune.dev/adapter"
 LABEL_STAGE = "kubetune.dev/stage"
+MERGED = "merged"  # where a merge Job publishes, under the artifact
 
 
 def adapter_path(namespace: str, name: str, sub: str | None = None) -> str:
@@ -134,6 +137,11 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
                       "serving": serving_hints(spec.adapter_name or name, adapter_uri, spec.base_model.uri)}
             if layout.get("merged"):
                 patch["mergedModelUri"] = f"{spec.artifact.uri}/{layout['merged']}"
+    if spec.merge.enabled and not (patch.get("mergedModelUri") or status.get("mergedModelUri")):
+        merged_uri, conditions = await _merged(client, settings, body, adapter, conditions, generation, now)
+        if merged_uri is None:
+            return  # the merge Job runs (or failed, recorded): its events bring us back
+        patch["mergedModelUri"] = merged_uri
     metrics = patch.get("metrics", status.get("metrics") or {})
     stage, conditions = _promote(spec.stage, status.get("stage") or "candidate", spec.evaluation_gate, metrics,
                                  conditions, generation, now, body)
@@ -144,6 +152,52 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
         await client.patch(adapter_path(namespace, name), {"metadata": {"labels": wanted}})
     conditions = set_condition(conditions, "Ready", "True", "Verified", "", generation, now)
     await write({**patch, "phase": "Ready", "message": "", "stage": stage, "conditions": conditions})
+
+
+async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, adapter: LoraAdapter,
+                  conditions: list[dict], generation: int | None, now: str) -> tuple[str | None, list[dict]]:
+    """The merged model's URI once a merge Job has published and it verifies; until then, run the
+    Job and record Merging (or its failure)."""
+    namespace, name = adapter.metadata.namespace, adapter.metadata.name
+
+    async def write(patch: dict[str, Any]) -> None:
+        await client.patch(adapter_path(namespace, name, "status"), {"status": {"observedGeneration": generation,
+                                                                               **patch}})
+    merged_uri = f"{adapter.spec.artifact.uri}/{MERGED}"
+    problems: list[str] = []
+    if parse_uri(merged_uri).scheme == "s3":
+        storage = await storage_config(client, namespace, adapter.spec.storage)
+        manifest, problems = await asyncio.to_thread(_verify, merged_uri, storage, None)
+        if not problems:
+            message = f"{len(manifest.files)} files, {manifest.total_size:,d} bytes match their sha256"
+            return merged_uri, set_condition(conditions, "Merged", "True", "MergedModelVerified", message,
+                                             generation, now)
+    jobs = path_for("batch/v1", "jobs", namespace)
+    job = await client.get(f"{jobs}/{merge_job_name(name)}")
+    if job is None:
+        configmap, job = build_merge_objects(adapter, settings)
+        await create_or_adopt(client, path_for("v1", "configmaps", namespace), configmap)
+        job, created = await create_or_adopt(client, jobs, job)
+        if created:
+            kopf.info(body, reason="MergeJobCreated", message=f"created Job {merge_job_name(name)}")
+    finished = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []
+                if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")}
+    if finished:
+        if "Complete" in finished:  # it published, yet what it published does not verify
+            reason, message = "MergedModelInvalid", "the merged model does not match its manifest: " + "; ".join(problems)
+        else:
+            pods = await client.list(path_for("v1", "pods", namespace), {LABEL_ADAPTER_OWNER: name})
+            reason, detail = failure_message(pods[-1]) if pods else (finished["Failed"].get("reason", "MergeFailed"), "")
+            message = f"the merge Job failed: {detail or finished['Failed'].get('message', '')}"
+        conditions = set_condition(conditions, "Merged", "False", reason, message, generation, now)
+        conditions = set_condition(conditions, "Ready", "False", "MergeFailed", message, generation, now)
+        await write({"phase": "Failed", "message": message, "conditions": conditions})
+        kopf.warn(body, reason="MergeFailed", message=message)
+        return None, conditions
+    conditions = set_condition(conditions, "Merged", "False", "MergeRunning",
+                               f"Job {merge_job_name(name)} merges the adapter into its base", generation, now)
+    await write({"phase": "Merging", "message": "", "conditions": conditions})
+    return None, conditions
 
 
 def _promote(requested: str, current: str, gate: list[Threshold], metrics: dict[str, float], conditions: list[dict],

@@ -12,6 +12,7 @@ from kubetune.api import GROUP, VERSION
 from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
 from kubetune.controller.kube import KubeClient, KubeConfig
 from kubetune.controller.adapters import adapter_path, delete_artifacts, reconcile_adapter
+from kubetune.controller.merging import LABEL_ADAPTER_OWNER
 from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
 from kubetune.controller.settings import OperatorSettings
 
@@ -73,9 +74,12 @@ async def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_) -> None:
 
 
 async def _owner_changed(labels, namespace: str, memo: kopf.Memo) -> None:
-    name = (labels or {}).get(LABEL_JOB)
-    if name:
-        await _reconcile_latest(namespace, name, memo)
+    """A Job or pod of ours changed: reconcile the FineTuneJob or LoraAdapter it works for."""
+    labels = labels or {}
+    if labels.get(LABEL_JOB):
+        await _reconcile_latest(namespace, labels[LABEL_JOB], memo)
+    elif labels.get(LABEL_ADAPTER_OWNER):
+        await _adapter_latest(namespace, labels[LABEL_ADAPTER_OWNER], memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS)
@@ -93,6 +97,10 @@ async def pod_event(labels, namespace, memo: kopf.Memo, **_) -> None:
 @kopf.on.create(GROUP, VERSION, "loraadapters")
 @kopf.on.update(GROUP, VERSION, "loraadapters", field="spec")
 async def adapter_changed(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+    await _adapter_latest(namespace, name, memo)
+
+
+async def _adapter_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
     async with memo.locks["loraadapters", namespace, name]:
         body = await memo.client.get(adapter_path(namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):

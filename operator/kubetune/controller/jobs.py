@@ -27,7 +27,7 @@ SCRATCH = "/scratch"
 TRAINER_UID = 65532
 
 
-def _name(base: str, suffix: str) -> str:
+def derived_name(base: str, suffix: str) -> str:
     """base-suffix, shortened with a hash when over 63 characters (label-safe and deterministic)."""
     name = f"{base}-{suffix}"
     if len(name) <= 63:
@@ -37,11 +37,11 @@ def _name(base: str, suffix: str) -> str:
 
 
 def job_name(ftj: FineTuneJob | str) -> str:
-    return _name(ftj if isinstance(ftj, str) else ftj.metadata.name, "train")
+    return derived_name(ftj if isinstance(ftj, str) else ftj.metadata.name, "train")
 
 
 def configmap_name(ftj: FineTuneJob | str) -> str:
-    return _name(ftj if isinstance(ftj, str) else ftj.metadata.name, "spec")
+    return derived_name(ftj if isinstance(ftj, str) else ftj.metadata.name, "spec")
 
 
 def run_output_uri(ftj: FineTuneJob) -> str:
@@ -95,7 +95,9 @@ def _claims(ftj: FineTuneJob) -> dict[str, bool]:
     return claims
 
 
-def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+def pod_env(settings: OperatorSettings, *, storage_secret: str | None, offline: bool = True) -> list[dict[str, Any]]:
+    """What every trainer-image pod gets: its identity, its directories, offline hub settings and,
+    when it uses the object store, the Secret's keys as references (never values)."""
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -106,15 +108,19 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
         {"name": "TRITON_CACHE_DIR", "value": f"{SCRATCH}/triton"},
     ]
-    offline = "0" if ftj.spec.allow_hub_downloads else "1"
-    env += [{"name": n, "value": offline} for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")]
-    if ftj.spec.storage:
-        secret = ftj.spec.storage.secret_ref.name
+    env += [{"name": n, "value": "1" if offline else "0"}
+            for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if storage_secret:
         for key, var in SECRET_KEYS.items():
             # Only references: the values stay in the Secret and reach the container at start.
             env.append({"name": var, "valueFrom": {"secretKeyRef": {
-                "name": secret, "key": key, "optional": key not in REQUIRED_KEYS}}})
+                "name": storage_secret, "key": key, "optional": key not in REQUIRED_KEYS}}})
     return env
+
+
+def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    return pod_env(settings, storage_secret=ftj.spec.storage.secret_ref.name if ftj.spec.storage else None,
+                   offline=not ftj.spec.allow_hub_downloads)
 
 
 def _resources(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
@@ -142,11 +148,12 @@ def pod_failure_policy() -> dict[str, Any]:
     ]}
 
 
-def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
-    spec, r = ftj.spec, ftj.spec.resources
-    claims = _claims(ftj)
+def trainer_pod_spec(settings: OperatorSettings, *, image: str, args: list[str], env: list[dict[str, Any]],
+                     resources: dict[str, Any], configmap: str, claims: dict[str, bool]) -> dict[str, Any]:
+    """A restricted pod running the trainer image: the run spec mounted read-only, writable scratch
+    and /dev/shm, the PVC claims (writable where asked)."""
     volumes: list[dict[str, Any]] = [
-        {"name": "runspec", "configMap": {"name": configmap_name(ftj)}},
+        {"name": "runspec", "configMap": {"name": configmap}},
         {"name": "scratch", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
@@ -161,7 +168,7 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
                                                                           "readOnly": not writable}})
         mounts.append({"name": f"pvc-{index}", "mountPath": f"{settings.volume_root}/{claim}",
                        "readOnly": not writable})
-    pod_spec: dict[str, Any] = {
+    return {
         "restartPolicy": "Never",
         "serviceAccountName": settings.trainer_service_account,
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
@@ -169,10 +176,10 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
                             "fsGroup": TRAINER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
             "name": "trainer",
-            "image": spec.trainer_image or settings.trainer_image,
-            "args": ["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"],
-            "env": _env(ftj, settings),
-            "resources": _resources(ftj, settings),
+            "image": image,
+            "args": args,
+            "env": env,
+            "resources": resources,
             "volumeMounts": mounts,
             "terminationMessagePolicy": "File",
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -180,6 +187,14 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         }],
         "volumes": volumes,
     }
+
+
+def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    spec, r = ftj.spec, ftj.spec.resources
+    pod_spec = trainer_pod_spec(settings, image=spec.trainer_image or settings.trainer_image,
+                                args=["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"], env=_env(ftj, settings),
+                                resources=_resources(ftj, settings), configmap=configmap_name(ftj),
+                                claims=_claims(ftj))
     if r.node_selector:
         pod_spec["nodeSelector"] = dict(r.node_selector)
     if r.tolerations:

@@ -14,7 +14,8 @@ from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import validate_object
 from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, configmap_name, job_name,
                                      run_output_uri)
-from kubetune.controller.kube import ApiError, KubeClient, path_for
+from kubetune.controller.kube import KubeClient, path_for
+from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.planning import plan_job
 from kubetune.controller.secrets import NotReady
 from kubetune.controller.settings import OperatorSettings
@@ -32,19 +33,6 @@ def ftj_path(namespace: str, name: str, sub: str | None = None) -> str:
 async def write_status(client: KubeClient, body: dict, patch: dict[str, Any]) -> None:
     meta = body["metadata"]
     await client.patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
-
-
-async def _create_or_adopt(client: KubeClient, collection: str, obj: dict) -> tuple[dict, bool]:
-    """Create obj, or return the existing one of the same name (a restart, or a lost response)."""
-    try:
-        return await client.create(collection, obj), True
-    except ApiError as exc:
-        if exc.status != 409:
-            raise
-    existing = await client.get(f"{collection}/{obj['metadata']['name']}")
-    if existing is None:
-        raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} conflicts but is gone; retrying", delay=1)
-    return existing, False
 
 
 async def _ahead_of(client: KubeClient, namespace: str, name: str, created: str) -> int:
@@ -102,8 +90,8 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) 
             await record(client, body, status, Observation("Queued", "WaitingForCapacity",
                                                            f"{limit} job(s) already run in {namespace}"), generation)
             return
-        await _create_or_adopt(client, cm_path, build_configmap(ftj, settings))
-        job, created = await _create_or_adopt(client, jobs_path, build_job(ftj, settings))
+        await create_or_adopt(client, cm_path, build_configmap(ftj, settings))
+        job, created = await create_or_adopt(client, jobs_path, build_job(ftj, settings))
         if created:
             kopf.info(body, reason="JobCreated", message=f"created Job {job_name(ftj)}")
     elif not ftj.spec.queue_name and bool((job.get("spec") or {}).get("suspend")) != ftj.spec.suspend:
@@ -183,7 +171,7 @@ async def ensure_adapter(client: KubeClient, body: dict, ftj: FineTuneJob, obs: 
     }
     if ftj.spec.storage:
         adapter["spec"]["storage"] = ftj.spec.storage.model_dump(by_alias=True)
-    created, _ = await _create_or_adopt(client, path_for(API_VERSION, "loraadapters", ftj.metadata.namespace),
+    created, _ = await create_or_adopt(client, path_for(API_VERSION, "loraadapters", ftj.metadata.namespace),
                                         adapter)
     return {"name": created["metadata"]["name"], "uri": run_output_uri(ftj)}
 

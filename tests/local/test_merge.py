@@ -1,0 +1,86 @@
+"""A LoraAdapter that asks for a merged model gets one from a merge Job: the local stack runs the
+trainer image's `merge-job` on SmolLM2-135M, and the published merged model's logits equal the base
+model's with the adapter applied."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune.controller.adapters import adapter_path
+from kubetune.local.stack import S3_SECRET, LocalStack
+from kubetune.storage.location import open_location
+from kubetune.storage.manifest import Manifest, describe_dir, publish, read_manifest
+from kubetune.storage.models import import_model
+
+pytestmark = pytest.mark.slow
+
+
+def _adapter(base_dir, out_dir):
+    """A LoRA adapter with non-zero B matrices (a fresh one is a no-op, which would make parity trivial)."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.modeling import attach_lora
+
+    spec = FineTuneJobSpec.model_validate({
+        "baseModel": {"uri": "s3://models/smollm2"}, "dataset": {"uri": "s3://datasets/x.jsonl"},
+        "output": {"uri": "s3://adapters/x"}, "method": "lora", "resources": {"gpus": 0},
+        "storage": {"secretRef": {"name": S3_SECRET}},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}})
+    torch.manual_seed(0)
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), spec)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+
+
+async def test_merge_job_output_matches_base_plus_adapter(tmp_path, smollm2_dir, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _adapter(smollm2_dir, tmp_path / "run")
+    async with LocalStack(tmp_path / "stack") as stack:
+        await asyncio.to_thread(import_model, smollm2_dir, "s3://models/smollm2", stack.storage)
+        run = open_location("s3://adapters/run-1", storage=stack.storage, volume_root=tmp_path)
+        run.ensure_ready()
+        publish(run, Manifest("RunManifest", describe_dir(tmp_path / "run"), {"layout": {"adapter": "adapter"}}),
+                tmp_path / "run")
+        await stack.apply({
+            "apiVersion": "kubetune.dev/v1alpha1", "kind": "LoraAdapter",
+            "metadata": {"name": "merged-1", "namespace": "default"},
+            "spec": {"baseModel": {"uri": "s3://models/smollm2"}, "artifact": {"uri": "s3://adapters/run-1"},
+                     "storage": {"secretRef": {"name": S3_SECRET}}, "merge": {"enabled": True}}})
+        deadline, status, phases = time.monotonic() + 600, {}, set()
+        while time.monotonic() < deadline and status.get("phase") not in ("Ready", "Failed"):
+            await asyncio.sleep(0.5)
+            status = ((await stack.client.get(adapter_path("default", "merged-1"))) or {}).get("status") or {}
+            phases.add(status.get("phase"))
+        assert status.get("phase") == "Ready", status.get("message")
+        assert "Merging" in phases
+        merged_condition = next(c for c in status["conditions"] if c["type"] == "Merged")
+        assert merged_condition["status"] == "True"
+        assert status["mergedModelUri"] == "s3://adapters/run-1/merged"
+        merged = run.child("merged")
+        manifest = read_manifest(merged)
+        for entry in manifest.files:
+            merged.get_file(entry.path, tmp_path / "merged" / entry.path, size=entry.size, sha256=entry.sha256)
+    assert manifest.metadata["mergedFrom"]["dtype"] == "float32"
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    batch = tokenizer(["Invoice INV-4242 from Hooli, total 12.50 USD.\nJSON: ", "Hello"], return_tensors="pt",
+                      padding=True)
+    with torch.no_grad():
+        expected = with_adapter(**batch).logits
+        actual = merged_model(**batch).logits
+        with with_adapter.disable_adapter():
+            plain = with_adapter(**batch).logits
+    assert (actual - expected).abs().max().item() < 1e-3
+    assert (plain - expected).abs().max().item() > 0.05  # the adapter changes the output: parity is not trivial
