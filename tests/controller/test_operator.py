@@ -468,3 +468,31 @@ async def test_deletion_policy_decides_whether_artifacts_go(cluster, s3_bucket, 
     assert "other-run/manifest.json" in left
     assert ("run/manifest.json" in left) == (policy == "Retain")
     assert any(r.startswith("run/adapter/") for r in left) == (policy == "Retain")
+
+
+async def test_metrics_count_jobs_by_phase_and_reconciles(cluster, monkeypatch):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("KUBETUNE_METRICS_PORT", str(port))
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+    def value(text: str, series: str) -> float:
+        return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+    pending, failed = 'kubetune_finetunejobs{phase="Pending"}', 'kubetune_finetunejobs{phase="Failed"}'
+    reconciles = 'kubetune_reconcile_duration_seconds_count{kind="FineTuneJob"}'
+    async with running_operator():
+        before = await asyncio.to_thread(scrape)  # the registry is per process: compare with the start
+        await apply(cluster, job_doc(name="m1"))
+        await apply(cluster, job_doc(name="m2", lora={"r": 0}))
+        await wait_for(lambda: status(cluster, "m1").get("phase") == "Pending", what="m1 Pending")
+        await wait_for(lambda: status(cluster, "m2").get("phase") == "Failed", what="m2 Failed")
+        after = await asyncio.to_thread(scrape)
+    assert value(after, pending) - value(before, pending) == 1
+    assert value(after, failed) - value(before, failed) == 1
+    assert value(after, reconciles) - value(before, reconciles) >= 2

@@ -11,6 +11,7 @@ import kopf
 from kubetune.api import GROUP, VERSION
 from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
 from kubetune.controller.kube import KubeClient, KubeConfig
+from kubetune.controller import metrics
 from kubetune.controller.adapters import adapter_path, delete_artifacts, reconcile_adapter
 from kubetune.controller.merging import LABEL_ADAPTER_OWNER
 from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
@@ -35,6 +36,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     settings.posting.level = logging.INFO
     memo.client = KubeClient(KubeConfig.load())
     memo.settings = OperatorSettings.from_env()
+    if memo.settings.metrics_port:
+        metrics.serve(memo.settings.metrics_port)
     memo.locks = collections.defaultdict(asyncio.Lock)
 
 
@@ -46,7 +49,8 @@ async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
         body = await memo.client.get(ftj_path(namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
-        await reconcile(memo.client, memo.settings, body)
+        with metrics.reconciling("FineTuneJob"):
+            await reconcile(memo.client, memo.settings, body)
 
 
 @kopf.on.cleanup()
@@ -105,7 +109,8 @@ async def _adapter_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
         body = await memo.client.get(adapter_path(namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
-        await reconcile_adapter(memo.client, memo.settings, body)
+        with metrics.reconciling("LoraAdapter"):
+            await reconcile_adapter(memo.client, memo.settings, body)
 
 
 @kopf.on.delete(GROUP, VERSION, "loraadapters")

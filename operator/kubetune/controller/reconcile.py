@@ -14,6 +14,7 @@ from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import validate_object
 from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, configmap_name, job_name,
                                      run_output_uri)
+from kubetune.controller import metrics
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.planning import plan_job
@@ -33,6 +34,8 @@ def ftj_path(namespace: str, name: str, sub: str | None = None) -> str:
 async def write_status(client: KubeClient, body: dict, patch: dict[str, Any]) -> None:
     meta = body["metadata"]
     await client.patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
+    if "phase" in patch:
+        metrics.phase_recorded(meta["namespace"], meta["name"], patch["phase"])
 
 
 async def _ahead_of(client: KubeClient, namespace: str, name: str, created: str) -> int:
@@ -153,6 +156,11 @@ async def record(client: KubeClient, body: dict, status: dict, obs: Observation,
         event(body, reason=obs.reason, message=f"{status.get('phase', 'None')} -> {obs.phase}"
                                                + (f": {obs.message}" if obs.message else ""))
     await write_status(client, body, patch)
+    metrics.attempts_recorded(status, patch)
+    if "completionTime" in patch and not status.get("completionTime"):
+        resources = (body.get("spec") or {}).get("resources") or {}
+        metrics.finished(body["metadata"]["namespace"], resources.get("gpus", 1), resources.get("nodes", 1),
+                         status.get("startTime") or patch.get("startTime"), patch["completionTime"])
 
 
 async def ensure_adapter(client: KubeClient, body: dict, ftj: FineTuneJob, obs: Observation) -> dict[str, str]:
@@ -186,3 +194,4 @@ async def clean_up(client: KubeClient, body: dict) -> None:
         await client.delete(path_for("v1", "pods", namespace, pod["metadata"]["name"]))
     if await client.get(f"{jobs_path}/{job_name(name)}") is not None:
         raise kopf.TemporaryError("waiting for the Job to be deleted", delay=1)
+    metrics.phase_recorded(namespace, name, None)

@@ -15,6 +15,7 @@ class OperatorSettings:
     max_running_per_namespace: int = 0  # 0: no limit
     volume_root: str = "/mnt/volumes"
     gpu_memory_gib: float = 80.0  # of one GPU, for jobs that do not say (resources.gpuMemoryGiB)
+    metrics_port: int = 0  # Prometheus /metrics; 0: not served
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
@@ -28,4 +29,5 @@ class OperatorSettings:
             max_running_per_namespace=int(env.get("KUBETUNE_MAX_RUNNING_PER_NAMESPACE",
                                                   cls.max_running_per_namespace)),
             gpu_memory_gib=float(env.get("KUBETUNE_GPU_MEMORY_GIB", cls.gpu_memory_gib)),
+            metrics_port=int(env.get("KUBETUNE_METRICS_PORT", cls.metrics_port)),
         )
