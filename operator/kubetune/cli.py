@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
 from pathlib import Path
 
 
@@ -56,7 +57,12 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON if args.log_json else kopf.LogFormat.PLAIN)
     # Peering elects one active replica among several (Kopf's KopfPeering resources); standalone
     # runs without it, for single-replica installs and local stacks.
-    kopf.run(standalone=args.standalone, peering_name=None if args.standalone else args.peering, priority=args.priority,
+    priority = args.priority
+    if priority is None:
+        # Replicas of one Deployment must not share a priority (Kopf freezes them all): derive a
+        # stable one from the pod's name.
+        priority = zlib.crc32(os.environ.get("POD_NAME", "").encode()) % 10_000 if os.environ.get("POD_NAME") else 0
+    kopf.run(standalone=args.standalone, peering_name=None if args.standalone else args.peering, priority=priority,
              clusterwide=not args.namespace, namespaces=args.namespace or (),
              liveness_endpoint=args.liveness)
     return 0
@@ -166,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="watch this namespace (repeatable; glob patterns allowed); default: all namespaces")
     operator.add_argument("--standalone", action="store_true", help="no peering: this is the only replica")
     operator.add_argument("--peering", default="kubetune", help="KopfPeering name shared by the replicas")
-    operator.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    operator.add_argument("--priority", type=int, default=None,
+                          help="peering priority of this replica (default: derived from $POD_NAME, else 0)")
     operator.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("--verbose", action="store_true", help="debug logging")
     operator.add_argument("--log-json", action="store_true", help="JSON log lines (for log collectors)")
