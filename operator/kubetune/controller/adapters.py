@@ -35,6 +35,11 @@ def adapter_path(namespace: str, name: str, sub: str | None = None) -> str:
     return path_for(API_VERSION, "loraadapters", namespace, name, sub)
 
 
+async def write_adapter_status(client: KubeClient, namespace: str, name: str, generation: int | None,
+                               patch: dict[str, Any]) -> None:
+    await client.patch(adapter_path(namespace, name, "status"), {"status": {"observedGeneration": generation, **patch}})
+
+
 def run_metrics(manifest: Manifest) -> dict[str, float]:
     """The final hold-out metrics by name, and the training figures as train.NAME."""
     metrics = manifest.metadata.get("metrics") or {}
@@ -84,8 +89,7 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
     conditions = status.get("conditions") or []
 
     async def write(patch: dict[str, Any]) -> None:
-        await client.patch(adapter_path(namespace, name, "status"),
-                           {"status": {"observedGeneration": generation, **patch}})
+        await write_adapter_status(client, namespace, name, generation, patch)
 
     resource, problems = validate_object({k: v for k, v in body.items() if k != "status"})
     if problems:
@@ -161,8 +165,7 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
     namespace, name = adapter.metadata.namespace, adapter.metadata.name
 
     async def write(patch: dict[str, Any]) -> None:
-        await client.patch(adapter_path(namespace, name, "status"), {"status": {"observedGeneration": generation,
-                                                                               **patch}})
+        await write_adapter_status(client, namespace, name, generation, patch)
     merged_uri = f"{adapter.spec.artifact.uri}/{MERGED}"
     problems: list[str] = []
     if parse_uri(merged_uri).scheme == "s3":

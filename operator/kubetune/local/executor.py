@@ -105,10 +105,14 @@ class LocalExecutor:
                     await self._delete_pod(pod)
         status = dict(job.get("status") or {})
         conditions = [c for c in status.get("conditions") or [] if c.get("type") != "Suspended"]
-        if decision.condition == "Suspended" or any(c.get("type") == "Suspended" for c in status.get("conditions") or []):
-            conditions.append({"type": "Suspended", "status": "True" if decision.condition == "Suspended" else "False",
-                               "reason": "JobSuspended" if decision.condition == "Suspended" else "JobResumed",
-                               "message": decision.message, "lastTransitionTime": now_rfc3339()})
+        was = next((c for c in status.get("conditions") or [] if c.get("type") == "Suspended"), None)
+        suspended = decision.condition == "Suspended"
+        if was is not None and was.get("status") == str(suspended):
+            conditions.append(was)  # unchanged: keep its transition time, write nothing new
+        elif suspended or was is not None:  # set, or cleared on resume
+            conditions.append({"type": "Suspended", "status": str(suspended), "message": decision.message,
+                               "reason": "JobSuspended" if suspended else "JobResumed",
+                               "lastTransitionTime": now_rfc3339()})
         if decision.condition in ("Complete", "Failed"):
             conditions.append({"type": decision.condition, "status": "True", "reason": decision.reason,
                                "message": decision.message, "lastTransitionTime": now_rfc3339()})
