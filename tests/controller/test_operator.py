@@ -496,3 +496,52 @@ async def test_metrics_count_jobs_by_phase_and_reconciles(cluster, monkeypatch):
     assert value(after, pending) - value(before, pending) == 1
     assert value(after, failed) - value(before, failed) == 1
     assert value(after, reconciles) - value(before, reconciles) >= 2
+
+
+async def test_bad_inputs_each_fail_with_their_message_and_create_nothing(cluster):
+    """Every invalid spec of the API tests, applied to a running operator (as a cluster without the
+    CRD's admission checks would let them through): each ends Failed with its field path and reason
+    on the status and in a Warning event, and nothing is created for any of them."""
+    from tests.api.test_invalid_specs import ADAPTER, ADAPTER_CASES, CASES
+
+    expected: dict[tuple[str, str], str] = {}
+    async with running_operator():
+        for case_id, patch, path, message in CASES:
+            await apply(cluster, patched(minimal_job(**patch), {"metadata": {"name": f"bad-{case_id}", "namespace": NS}}))
+            expected[FTJ, f"bad-{case_id}"] = f"{path}: {message}"
+        for index, (patch, path, message) in enumerate(ADAPTER_CASES):
+            doc = patched(ADAPTER, {"metadata": {"name": f"bad-adapter-{index}", "namespace": NS}, "spec": patch})
+            await cluster.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters", json=doc)
+            expected[ADAPTERS, f"bad-adapter-{index}"] = f"{path}: {message}"
+
+        def failed() -> bool:
+            return all(((obj(cluster, kind, name) or {}).get("status") or {}).get("phase") == "Failed"
+                       for kind, name in expected)
+        await wait_for(failed, timeout=120, what="every bad input Failed")
+        warned = lambda: {o["involvedObject"]["name"] for _, o in _events(cluster)  # noqa: E731
+                          if o.get("type") == "Warning" and o.get("reason") == "InvalidSpec"}
+        await wait_for(lambda: warned() >= {name for _, name in expected}, what="a Warning event for each")
+    for (kind, name), message in expected.items():
+        status = obj(cluster, kind, name)["status"]
+        assert message in status["message"], (name, status["message"])
+        ready_or_validated = "Validated" if kind == FTJ else "Ready"
+        condition = next(c for c in status["conditions"] if c["type"] == ready_or_validated)
+        assert (condition["status"], condition["reason"]) == ("False", "InvalidSpec")
+    assert objects_of(cluster, "batch/v1/jobs") == {} and objects_of(cluster, "v1/configmaps") == {}
+    print(f"{len(expected)} bad inputs: each Failed with its message and a Warning event; nothing created")
+
+
+async def test_api_errors_and_dropped_watches_lose_no_update(cluster):
+    cluster.inject("POST", r"/jobs$", 500, times=2)
+    cluster.inject("PATCH", r"/finetunejobs/[^/]+/status$", 503, times=4)
+    async with running_operator():
+        await apply(cluster, job_doc(name="first"))
+        await wait_for(lambda: status(cluster, "first").get("phase") == "Pending", timeout=30, what="first Pending")
+        assert list(objects_of(cluster, "batch/v1/jobs")) == ["first-train"]  # retried, not duplicated
+        assert [fault[3] for fault in cluster.faults] == [0, 0]  # every injected error was met
+        assert cluster.drop_watches() >= 3  # FineTuneJobs, LoraAdapters, Jobs, pods...
+        await apply(cluster, job_doc(name="second"))
+        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "second-train"), timeout=30, what="watch resumed")
+        await pod(cluster, "second-p", "Running", ftj="second")
+        await wait_for(lambda: status(cluster, "second").get("phase") == "Running", timeout=30,
+                       what="a pod update after the drop")

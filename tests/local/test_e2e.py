@@ -34,7 +34,7 @@ async def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def test_apply_to_verified_adapter(tmp_path, smollm2_dir):
+async def test_apply_to_verified_adapter(tmp_path, smollm2_dir, caplog):
     doc = yaml.safe_load(EXAMPLE.read_text())
     # The CI-sized variant of the README's demo: fewer steps and generations.
     doc["spec"]["training"]["maxSteps"] = 6
@@ -78,3 +78,13 @@ async def test_apply_to_verified_adapter(tmp_path, smollm2_dir):
         metrics = manifest.metadata["metrics"]
         assert metrics["final"]["evalLoss"] < metrics["baseline"]["evalLoss"]
         assert adapter["status"]["metrics"]["evalLoss"] == pytest.approx(metrics["final"]["evalLoss"])
+
+        # The storage credential reached the trainer only as environment from the Secret: it is in no
+        # object the operator or the trainer wrote (status, events, ConfigMaps, Jobs, pods) and in no log.
+        secret = stack.storage.secret_key
+        written = json.dumps([o.raw for (res, _, _), o in list(stack.api.objects.items())
+                              if res.plural != "secrets" and not o.deleted])
+        assert secret not in written
+        logs = [f.read_text(errors="replace") for f in (tmp_path / "stack" / "pods").rglob("*.log")]
+        assert logs and not any(secret in text for text in logs)
+        assert secret not in caplog.text

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 
 import kopf
 
 from kubetune.api import GROUP, VERSION
 from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
-from kubetune.controller.kube import KubeClient, KubeConfig
+from kubetune.controller.kube import TRANSIENT_STATUS, ApiError, KubeClient, KubeConfig
 from kubetune.controller import metrics
 from kubetune.controller.adapters import adapter_path, delete_artifacts, reconcile_adapter
 from kubetune.controller.merging import LABEL_ADAPTER_OWNER
@@ -41,6 +42,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     memo.locks = collections.defaultdict(asyncio.Lock)
 
 
+@contextlib.contextmanager
+def _transient_api_errors():
+    """An API server still failing after the client's own retries: try again in seconds, not the
+    minute Kopf waits after an unexpected error."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.status in TRANSIENT_STATUS:
+            raise kopf.TemporaryError(str(exc), delay=2) from exc
+        raise
+
+
 async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
     """One reconcile at a time per FineTuneJob, always on a fresh read: events about the job, its
     Job and its pods arrive concurrently, and a reconcile working from an older copy must not
@@ -49,7 +62,7 @@ async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
         body = await memo.client.get(ftj_path(namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
-        with metrics.reconciling("FineTuneJob"):
+        with metrics.reconciling("FineTuneJob"), _transient_api_errors():
             await reconcile(memo.client, memo.settings, body)
 
 
@@ -109,7 +122,7 @@ async def _adapter_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
         body = await memo.client.get(adapter_path(namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
-        with metrics.reconciling("LoraAdapter"):
+        with metrics.reconciling("LoraAdapter"), _transient_api_errors():
             await reconcile_adapter(memo.client, memo.settings, body)
 
 

@@ -3,6 +3,7 @@ besides Kopf's own watches. Configured from the pod's service account or a kubec
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import ssl
@@ -15,6 +16,8 @@ import aiohttp
 import yaml
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+RETRY_DELAYS_S = (0.2, 0.5, 1.0)
 
 
 class ApiError(Exception):
@@ -77,6 +80,20 @@ class KubeClient:
 
     async def _request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
                        content_type: str = "application/json") -> Any:
+        """One API call, retried a few times on what a busy or restarting API server answers
+        (429, 5xx, a dropped connection): every call the operator makes is safe to repeat."""
+        for delay in RETRY_DELAYS_S:
+            try:
+                return await self._send(method, path, json=json, params=params, content_type=content_type)
+            except ApiError as exc:
+                if exc.status not in TRANSIENT_STATUS:
+                    raise
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(delay)
+        return await self._send(method, path, json=json, params=params, content_type=content_type)
+
+    async def _send(self, method: str, path: str, *, json: Any, params: dict | None, content_type: str) -> Any:
         if self._session is None or self._session.closed:
             headers = {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
             self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=30))

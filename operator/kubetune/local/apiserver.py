@@ -63,13 +63,40 @@ class ApiServer(KubernetesEmulator):
         self.revision = 1000
         self.printer_columns: dict[tuple[str, str], list[dict]] = {}
         self.created_namespaces: set[str] = set()
+        self.faults: list[list] = []
+        self.watch_drops: set[asyncio.Event] = set()
         self.resources.load_bundled()
         for name in BUILTINS:
             self.resources[name].verbs = {"create", "delete", "get", "list", "patch", "update", "watch"}
         self.fallback["get /openapi/v3"] << self._serve_openapi_root
         self.fallback["get", re.compile(r"/openapi/v3/apis?/.+")] << self._serve_openapi_group_version
 
+    # -- fault injection, for the fault tests ------------------------------------------------------
+    def inject(self, method: str, path: str, status: int, times: int = 1) -> None:
+        """Answer the next `times` requests whose method matches and whose path matches the regex
+        `path` with an error of `status`, as an overloaded or restarting API server would."""
+        self.faults.append([method.upper(), re.compile(path), status, times])
+
+    def drop_watches(self) -> int:
+        """End every open watch stream, as an API server restart or a load balancer timeout does."""
+        drops = list(self.watch_drops)
+        for drop in drops:
+            drop.set()
+        return len(drops)
+
+    def _fault(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.Response | None:
+        for fault in self.faults:
+            method, path, status, times = fault
+            if times > 0 and raw_request.method == method and path.search(raw_request.path):
+                fault[3] -= 1
+                return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                                                  "code": status, "reason": "InjectedFault",
+                                                  "message": f"injected {status}"}, status=status)
+        return None
+
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if (fault := self._fault(raw_request)) is not None:
+            return fault
         if raw_request.method == "GET" and NAMESPACE_LIST.match(raw_request.path):
             return await self._serve_namespaces(raw_request)
         if raw_request.method == "POST" and NAMESPACE_LIST.match(raw_request.path):
@@ -238,10 +265,13 @@ class ApiServer(KubernetesEmulator):
         fields = field_selector(request.params.get("fieldSelector"))
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request._raw_request)
+        dropped = asyncio.Event()
+        self.watch_drops.add(dropped)
 
         async def send(event: dict) -> None:
             await response.write(json.dumps(event).encode() + b"\n")
 
+        following = drop = None
         try:
             async with self._lock:
                 initial = self._matching(request)
@@ -253,7 +283,17 @@ class ApiServer(KubernetesEmulator):
                     "kind": info.kind, "apiVersion": _group_version(request.resource),
                     "metadata": {"resourceVersion": str(self.revision),
                                  "annotations": {"k8s.io/initial-events-end": "true"}}}})
-            async for event in self._buses[request.resource]:
+            events = aiter(self._buses[request.resource])
+            while True:
+                following = asyncio.ensure_future(anext(events))
+                drop = asyncio.ensure_future(dropped.wait())
+                done, _ = await asyncio.wait({following, drop}, return_when=asyncio.FIRST_COMPLETED)
+                if drop in done:
+                    following.cancel()
+                    await response.write_eof()  # a clean end of stream: the client lists and watches again
+                    break
+                drop.cancel()
+                event = following.result()
                 obj = event.get("object") or {}
                 meta = obj.get("metadata") or {}
                 if ((request.namespace is None or meta.get("namespace") == request.namespace)
@@ -261,7 +301,12 @@ class ApiServer(KubernetesEmulator):
                         and labels(obj) and fields(obj)):
                     await send(event)
         except (ConnectionError, asyncio.CancelledError):
-            pass  # the client went away
+            pass  # the client went away, or the stream was dropped
+        finally:
+            self.watch_drops.discard(dropped)
+            for waiting in (following, drop):
+                if waiting is not None:
+                    waiting.cancel()
         return response
 
     # -- OpenAPI v3 ---------------------------------------------------------------------------------
