@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pydantic import ValidationError
 
@@ -40,13 +41,11 @@ def _failure(reason: str, exc: BaseException, code: int) -> int:
     return code
 
 
-def run_spec(path: Path) -> int:
-    from kubetune_trainer.recipe import FineTuneRecipe
-    from kubetune_trainer.runspec import RunSpec
-
+def _at_process_boundary(work: Callable[[], int], failed_as: str) -> int:
+    """Run the container's work; what it raises becomes the termination message and the exit code
+    the operator's contract gives it (bad data and bad configuration fail the Job at once)."""
     try:
-        runspec = RunSpec.load(path)
-        result = FineTuneRecipe(runspec).run()
+        return work()
     except DatasetError as exc:
         return _failure("InvalidDataset", exc, EXIT_DATA)
     except (ConfigError, StorageConfigError, ValidationError) as exc:
@@ -54,31 +53,34 @@ def run_spec(path: Path) -> int:
     except StorageUnavailable as exc:
         return _failure("StorageUnavailable", exc, EXIT_UNAVAILABLE)
     except Exception as exc:  # noqa: BLE001 - the process boundary: report, then fail
-        log.exception("training failed")
-        return _failure("TrainerError", exc, EXIT_FAILED)
-    if result.preempted:
-        write_termination_message({"preempted": True})
-        return EXIT_PREEMPTED
-    write_termination_message({"manifest": result.manifest_uri, "manifestSha256": result.manifest_sha256,
-                               "metrics": {k: result.metrics.get("final", {}).get(k)
-                                           for k in ("evalLoss", "exactMatch", "jsonValid")}})
-    return EXIT_OK
+        log.exception("%s", failed_as)
+        return _failure(failed_as, exc, EXIT_FAILED)
+
+
+def run_spec(path: Path) -> int:
+    from kubetune_trainer.recipe import FineTuneRecipe
+    from kubetune_trainer.runspec import RunSpec
+
+    def train() -> int:
+        result = FineTuneRecipe(RunSpec.load(path)).run()
+        if result.preempted:
+            write_termination_message({"preempted": True})
+            return EXIT_PREEMPTED
+        write_termination_message({"manifest": result.manifest_uri, "manifestSha256": result.manifest_sha256,
+                                   "metrics": {k: result.metrics.get("final", {}).get(k)
+                                               for k in ("evalLoss", "exactMatch", "jsonValid")}})
+        return EXIT_OK
+    return _at_process_boundary(train, "TrainerError")
 
 
 def run_merge_job(path: Path) -> int:
     from kubetune_trainer.merge_job import load, run_merge
 
-    try:
+    def merge() -> int:
         uri, digest = run_merge(load(path))
-    except (ConfigError, StorageConfigError, ValidationError) as exc:
-        return _failure("InvalidConfiguration", exc, EXIT_CONFIG)
-    except StorageUnavailable as exc:
-        return _failure("StorageUnavailable", exc, EXIT_UNAVAILABLE)
-    except Exception as exc:  # noqa: BLE001 - the process boundary: report, then fail
-        log.exception("merge failed")
-        return _failure("MergeError", exc, EXIT_FAILED)
-    write_termination_message({"manifest": uri, "manifestSha256": digest})
-    return EXIT_OK
+        write_termination_message({"manifest": uri, "manifestSha256": digest})
+        return EXIT_OK
+    return _at_process_boundary(merge, "MergeError")
 
 
 def run_merge(base: Path, adapter: Path, out: Path, dtype_name: str) -> int:
