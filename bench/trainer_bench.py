@@ -27,6 +27,7 @@ from archs import ARCHS, build_model_dir, flops_per_token  # noqa: E402
 
 from kubetune.api.finetunejob import FineTuneJobSpec  # noqa: E402
 from kubetune_trainer.data import Example  # noqa: E402
+from kubetune_trainer.kernels import fused_kernels_available  # noqa: E402
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer  # noqa: E402
 from kubetune_trainer.packing import pack  # noqa: E402
 from kubetune_trainer.training import PreemptionFlag, build_trainer, plan_batches  # noqa: E402
@@ -42,6 +43,27 @@ class _NullStore:
 class _NullReporter:
     def report(self, report, force=False):
         pass
+
+
+class StepProfiler(TrainerCallback):
+    """torch.profiler over two optimizer steps after the warm-up: where the GPU's time goes."""
+
+    def __init__(self, warmup: int, path: str):
+        self.warmup, self.path, self.prof = warmup, path, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.warmup and self.prof is None:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.prof is not None and state.global_step == self.warmup + 2:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            Path(self.path).write_text(table)
+            self.prof = None
 
 
 class StepTimer(TrainerCallback):
@@ -79,7 +101,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="rows of 2,048 tokens per optimizer step")
     ap.add_argument("--micro", type=int, default=0, help="rows per forward pass (0: the trainer's plan)")
     ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--gpu-memory-gib", type=float, default=None, help="memory the planner may use (lean profile)")
     ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--profile", help="write a torch.profiler table of two steps after the warm-up here")
     a = ap.parse_args()
 
     path = build_model_dir(a.arch)
@@ -89,6 +113,7 @@ def main() -> None:
         "method": "qlora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": TARGETS[a.targets]},
         "training": {"maxSteps": a.steps, "maxSeqLength": 2048, "packing": True, "batchSize": a.batch,
                      "microBatchSize": a.micro or None, "gradientCheckpointing": a.checkpointing},
+        "resources": {"gpus": 1, "gpuMemoryGiB": a.gpu_memory_gib},
         "output": {"uri": "pvc://runs/bench"}, "checkpointEverySteps": 1_000_000,
     })
     rows = pack(examples(4000, min(len(tokenizer), ARCHS[a.arch][6])), 2048)
@@ -103,18 +128,23 @@ def main() -> None:
                                                    "preemption": PreemptionFlag(), "evaluate": dict})
     timer = StepTimer(loop.counter, a.warmup)
     trainer.add_callback(timer)
+    if a.profile:
+        trainer.add_callback(StepProfiler(a.warmup, a.profile))
     t = time.perf_counter()
     trainer.train()
     tps = timer.tokens / timer.seconds
     print(json.dumps({
         "case": "kubetune", "arch": a.arch, "targets": a.targets, "micro": plan.micro_batch_size,
         "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
+        "gpu_memory_gib": a.gpu_memory_gib, "attention": model.config._attn_implementation,
+        "fused_kernels": fused_kernels_available(model.config.model_type),
         "steps_timed": timer.steps, "tokens": timer.tokens, "seconds": round(timer.seconds, 2),
         "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "planned_gib": round(plan.estimate.total_gib, 2) if plan.estimate else None,
         "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12, 4), "wall_s": round(time.perf_counter() - t, 1),
         "gpu": torch.cuda.get_device_name(0),
-        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "peft", "bitsandbytes")},
+        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "peft", "bitsandbytes",
+                                                                "liger-kernel")},
     }), flush=True)
 
 

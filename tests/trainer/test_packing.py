@@ -40,6 +40,10 @@ def test_collator_pads_as_a_separate_segment():
     assert batch["input_ids"].shape == (2, 8)
     assert batch["position_ids"][1].tolist() == [0, 1, 0, 1, 2, 3, 4, 5]
     assert batch["labels"][1, 2:].eq(IGNORE).all()
+    # Segments of the flattened batch, for variable-length attention: [5, 3 | 2, 6 of padding].
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 8, 10, 16]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == 6
 
 
 def _token_losses(model, batch):

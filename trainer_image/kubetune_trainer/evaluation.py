@@ -23,7 +23,8 @@ def holdout_loss(model, examples: list[Example], pad_id: int, batch_size: int = 
     total, count = 0.0, 0
     rows = unpacked(examples)
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+        batch = collate(rows[start:start + batch_size])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits.float()
         shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune_trainer import attention
 from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.kernels import apply_fused_kernels
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ def load_tokenizer(path: Path):
 
 def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradient_checkpointing: bool):
     quant = spec.effective_quantization()
-    kwargs = {"dtype": placement.dtype, "attn_implementation": "sdpa"}
+    on_gpu = placement.device == "cuda"
+    kwargs = {"dtype": placement.dtype,
+              "attn_implementation": attention.register() if on_gpu and attention.available() else "sdpa"}
     if quant is not None:
         if placement.device != "cuda":
             raise ConfigError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use method lora on CPU")
@@ -52,8 +56,10 @@ def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradie
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quant is None:
         model.to(placement.device)
-    else:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    # No prepare_model_for_kbit_training: its fp32 copies of the embeddings and LM head cost 4 GiB
+    # on a 7B model and a cast per step, and the fused kernels keep norms and loss in fp32 anyway.
+    if on_gpu:
+        apply_fused_kernels(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -2,9 +2,9 @@
 
 A row is several examples back to back. Position ids restart at 0 for each example; with no
 attention mask, transformers turns restarting position ids into a block-diagonal causal mask
-(and flash-attention into variable-length kernels), so no token sees another example. The
-first token of each example gets no label: it would otherwise be predicted from the previous
-example's last token.
+for sdpa, so no token sees another example. On GPU the collator's cumulative example lengths
+drive variable-length flash attention instead (kubetune_trainer.attention). The first token of
+each example gets no label: it would otherwise be predicted from the previous example's last token.
 """
 
 from __future__ import annotations
@@ -60,7 +60,11 @@ def unpacked(examples: list[Example]) -> list[Row]:
 
 
 class RowCollator:
-    """Pads rows to the longest in the batch. Padding is its own segment (positions from 0, no labels)."""
+    """Pads rows to the longest in the batch. Padding is its own segment (positions from 0, no labels).
+
+    Also hands the model every segment's boundaries in the flattened batch (cu_seq_lens_q, int32,
+    with max_length_q), computed here on the CPU so the model never waits for them.
+    """
 
     def __init__(self, pad_id: int, multiple_of: int = 8):
         self.pad_id, self.multiple_of = pad_id, multiple_of
@@ -75,5 +79,9 @@ class RowCollator:
             ids.append(r.input_ids + [self.pad_id] * pad)
             labels.append(r.labels + [IGNORE] * pad)
             positions.append(r.position_ids + list(range(pad)))
+        starts = [r * width + j for r, row in enumerate(positions) for j, p in enumerate(row) if p == 0]
+        bounds = starts + [len(rows) * width]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "position_ids": torch.tensor(positions)}
+                "position_ids": torch.tensor(positions),
+                "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32),
+                "max_length_q": max(b - a for a, b in zip(bounds, bounds[1:]))}

@@ -19,6 +19,7 @@ from kubetune.planning import DoesNotFit, ModelShape, RunPlan, plan_run
 from kubetune.planning.memory import GiB
 from kubetune_trainer.checkpoints import CheckpointStore
 from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.kernels import fused_kernels_available
 from kubetune_trainer.packing import Row, RowCollator
 from kubetune_trainer.progress import ProgressReport, ProgressReporter
 
@@ -63,15 +64,20 @@ class PreemptionFlag:
 
 
 def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool) -> RunPlan:
-    """The operator's planner, now with the real GPU's memory and the model's real shape."""
+    """The operator's planner, now with the real GPU's memory (or less, where resources.gpuMemoryGiB
+    caps what this job may use), the model's real shape and the kernels this process has."""
     try:
-        shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+        config = json.loads((model_dir / "config.json").read_text())
+        shape = ModelShape.from_config(config)
     except (OSError, ValueError) as exc:
         log.warning("no memory plan (%s): default micro-batch", exc)
-        shape = None
-    memory = torch.cuda.get_device_properties(0).total_memory / GiB if on_gpu else None
+        config, shape = {}, None
+    memory = None
+    if on_gpu:
+        memory = torch.cuda.get_device_properties(0).total_memory / GiB
+        memory = min(memory, spec.resources.gpu_memory_gib or memory)
     try:
-        plan = plan_run(spec, shape, memory)
+        plan = plan_run(spec, shape, memory, fused_kernels=fused_kernels_available(config.get("model_type")))
     except DoesNotFit as exc:
         raise ConfigError(str(exc)) from exc
     log.info("plan: %s", plan.summary())
@@ -142,6 +148,9 @@ def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: RunPla
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         bf16=on_gpu,
         logging_steps=1,
+        # The NaN/inf filter reads every micro-batch's loss on the CPU (a GPU sync each time); a
+        # diverging run should show its NaN in the logged loss anyway, not be averaged around it.
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=spec.checkpoint_every_steps,
         save_total_limit=1,  # local copies only; the store keeps spec.output.keepCheckpoints remotely

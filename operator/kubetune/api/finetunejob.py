@@ -102,7 +102,8 @@ class Resources(ApiModel):
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node; 0 trains on the CPU (lora only).")
     nodes: int = Field(default=1, ge=1, le=128, description="Nodes for multi-node training.")
     gpu_memory_gib: float | None = Field(default=None, alias="gpuMemoryGiB", gt=0, le=1024,
-                                         description="Memory of one GPU, for the planner; operator default when unset.")
+                                         description="GPU memory one process may use (GiB): the planner fits micro-batch and "
+                                         "checkpointing into it, e.g. 10 on a shared GPU; operator default when unset.")
     cpu: str | None = Field(default=None, pattern=QUANTITY, description="CPU request and limit per pod.")
     memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory request and limit per pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")

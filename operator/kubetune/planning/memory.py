@@ -4,8 +4,10 @@ The terms are the ones that dominate a LoRA step on decoder-only transformers: t
 (NF4 or bf16), the trainable LoRA weights with their gradients and AdamW state (fp32), the
 activations kept for backward (all layers, or one layer's inputs per layer with checkpointing
 plus one layer being recomputed), and the logits with their fp32 upcast and gradient, which on
-150k-token vocabularies are the largest single term. Calibrated against peaks measured on an H100
-(bench/results/): the estimate errs on the high side so that a plan that fits does not OOM.
+150k-token vocabularies are the largest single term. With fused kernels (the trainer image's
+Liger kernels) the LM head and cross-entropy run in chunks that never hold the full logits, and
+SwiGLU and RMSNorm keep fewer and narrower tensors for backward. Calibrated against peaks measured
+on an H100 (bench/results/): the estimate errs on the high side so that a plan that fits does not OOM.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64  # 4-bit codes plus double-quantized absmax p
 BF16 = 2
 TRAINABLE_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
 LOGIT_BYTES_PER_ENTRY = 2 + 4 + 4 + 2  # bf16 logits, fp32 upcast and its gradient, the bf16 gradient
+# Fused LM head + cross-entropy: chunks of about hidden/vocab of the tokens at a time (fp32 logits
+# and gradient), plus the hidden states' gradient: a few bytes per token per hidden unit.
+FUSED_LOGIT_BYTES_PER_TOKEN_HIDDEN = 4 * 2 * 2 + 2
 RUNTIME_OVERHEAD_BYTES = 1.0 * GiB  # CUDA context, cuBLAS workspaces, kernels
 FRAGMENTATION = 1.08  # caching allocator slack observed at peak
 
@@ -89,27 +94,33 @@ def lora_parameters(shape: ModelShape, r: int, targets: list[str]) -> int:
     return shape.layers * sum(r * (a + b) for a, b in chosen)
 
 
-def _activation_bytes_per_token_layer(shape: ModelShape, lora_targets: list[str]) -> int:
+def _activation_bytes_per_token_layer(shape: ModelShape, lora_targets: list[str], fused: bool) -> int:
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    saved = 8 * h + 2 * kv + 4 * i  # linear inputs, q/k/v and attention output, MLP gate/up/product
+    # Residuals and norm outputs, q/k/v and attention output, MLP gate/up (and their product unless
+    # fused SwiGLU recomputes it in backward).
+    saved = 8 * h + 2 * kv + (2 if fused else 4) * i
     shapes = shape.linear_shapes()
-    adapted = shapes.values() if lora_targets == ["all-linear"] else [
-        shapes.get(t, (h, h)) for t in lora_targets]
-    saved += sum(a for a, _ in adapted)  # dropout output kept for each adapter's backward
-    return BF16 * saved + 4 * 2 * h  # plus the fp32 RMSNorm inputs
+    names = list(shapes) if lora_targets == ["all-linear"] else lora_targets
+    saved += sum(shapes.get(t, (h, h))[0] for t in names)  # dropout output kept for each adapter's backward
+    if "down_proj" in names:
+        saved += i // 2  # an adapter on down_proj keeps the SwiGLU product alive longer (measured: half of it)
+    return BF16 * saved + (0 if fused else 4 * 2 * h)  # unfused RMSNorm keeps fp32 inputs
 
 
 def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_targets: list[str],
-                    micro_batch: int, seq_len: int, checkpointing: bool) -> MemoryEstimate:
+                    micro_batch: int, seq_len: int, checkpointing: bool, fused_kernels: bool) -> MemoryEstimate:
     weights = (shape.linear_params * (NF4_BYTES_PER_PARAM if quantized else BF16)
                + shape.embedding_params * BF16)
     trainable = lora_parameters(shape, lora_r, lora_targets) * TRAINABLE_BYTES_PER_PARAM
     tokens = micro_batch * seq_len
-    per_layer = _activation_bytes_per_token_layer(shape, lora_targets) * tokens
+    per_layer = _activation_bytes_per_token_layer(shape, lora_targets, fused_kernels) * tokens
     if checkpointing:
         activations = shape.layers * BF16 * shape.hidden * tokens + per_layer
     else:
         activations = shape.layers * per_layer
-    logits = tokens * shape.vocab * LOGIT_BYTES_PER_ENTRY
+    if fused_kernels:
+        logits = tokens * shape.hidden * FUSED_LOGIT_BYTES_PER_TOKEN_HIDDEN
+    else:
+        logits = tokens * shape.vocab * LOGIT_BYTES_PER_ENTRY
     total = (weights + trainable + activations + logits) * FRAGMENTATION + RUNTIME_OVERHEAD_BYTES
     return MemoryEstimate(weights, trainable, activations, logits, total)

@@ -1,0 +1,81 @@
+"""The GPU-only fast paths give the same numbers as the reference paths the CPU tests check.
+
+Run on a CUDA machine (bench/README.md: the device tool); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubetune_trainer import attention
+from kubetune_trainer.data import IGNORE, Example
+from kubetune_trainer.packing import RowCollator, pack
+
+pytestmark = pytest.mark.skipif(not attention.available(), reason="needs a CUDA GPU and torch varlen attention")
+
+
+def _block_causal_reference(q, k, v, lengths):
+    """sdpa per example (batch 1 rows laid end to end), GQA by repetition."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out, start = [], 0
+    for n in lengths:
+        part = [t[:, :, start:start + n] for t in (q, k, v)]
+        out.append(torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True))
+        start += n
+    return torch.cat(out, dim=2).transpose(1, 2)
+
+
+def test_varlen_attention_matches_per_example_causal_attention():
+    torch.manual_seed(0)
+    lengths = [5, 300, 1, 200, 6]  # one row of 512 tokens
+    q = torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    positions = [p for n in lengths for p in range(n)]
+    batch = RowCollator(0, multiple_of=1)([{"input_ids": [1] * 512, "labels": [1] * 512, "position_ids": positions}])
+    out, _ = attention.varlen_attention(None, q, k, v, None, scaling=64 ** -0.5,
+                                        cu_seq_lens_q=batch["cu_seq_lens_q"].cuda(),
+                                        max_length_q=batch["max_length_q"])
+    torch.testing.assert_close(out, _block_causal_reference(q, k, v, lengths), atol=2e-2, rtol=2e-2)
+
+
+def _tiny_qwen2(attn_implementation):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen2", hidden_size=256, num_hidden_layers=2, num_attention_heads=8,
+                               num_key_value_heads=2, intermediate_size=512, vocab_size=1000)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                            attn_implementation=attn_implementation).cuda().eval()
+
+
+@torch.no_grad()
+def test_packed_training_batch_through_the_model_equals_separate_examples():
+    model = _tiny_qwen2(attention.register())
+    examples = [Example(list(range(10, 10 + n)), list(range(10, 10 + n)), "t") for n in (40, 17, 90, 3)]
+    collate = RowCollator(0)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(pack(examples, 128)).items()}
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   cu_seq_lens_q=batch["cu_seq_lens_q"], max_length_q=batch["max_length_q"]).logits.float()
+    reference = _tiny_qwen2("sdpa")
+    for row, labels in zip(range(logits.shape[0]), batch["labels"]):
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [logits.shape[1]]
+        for a, b in zip(starts, starts[1:]):
+            if labels[a + 1:b].eq(IGNORE).all():
+                continue  # padding segment
+            alone = reference(input_ids=batch["input_ids"][row:row + 1, a:b]).logits.float()
+            torch.testing.assert_close(logits[row:row + 1, a:b], alone, atol=3e-2, rtol=3e-2)
+
+
+def test_fused_kernels_patch_a_supported_model_and_keep_its_loss():
+    from kubetune_trainer.kernels import apply_fused_kernels
+
+    model = _tiny_qwen2("sdpa").train()
+    ids = torch.randint(10, 990, (2, 64), device="cuda")
+    with torch.no_grad():
+        reference = model(input_ids=ids, labels=ids).loss.float()
+    assert apply_fused_kernels(model)
+    with torch.no_grad():
+        fused = model(input_ids=ids, labels=ids).loss.float()
+    torch.testing.assert_close(fused, reference, atol=2e-2, rtol=1e-2)
