@@ -9,7 +9,8 @@ fused kernels, variable-length attention, no fp32 copies of norms and embeddings
 instead of paged AdamW, its own data path.
 
 Usage: python bench/loss_parity.py --case baseline|kubetune --steps 200 --tokenizer DIR
-Prints one JSON line with the per-step losses.
+Under torchrun the kubetune case splits the same 16 examples per step over the GPUs (parity of
+one GPU against several). Prints one JSON line with the per-step losses (rank 0).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from archs import build_model_dir  # noqa: E402
 
+from kubetune_trainer import distributed  # noqa: E402
 from kubetune_trainer.data import Example  # noqa: E402
 from kubetune_trainer.modeling import load_tokenizer  # noqa: E402
 from kubetune_trainer.samples import invoice_records  # noqa: E402
@@ -71,7 +73,7 @@ def run_baseline(path: str, ids: list[list[int]], tokenizer, steps: int, log: Lo
     trainer.train()
 
 
-def run_kubetune(path: str, ids: list[list[int]], tokenizer, steps: int, log: LossLog) -> None:
+def run_kubetune(path: str, ids: list[list[int]], tokenizer, steps: int, log: LossLog, ranks) -> None:
     from transformers import set_seed
 
     from kubetune.api.finetunejob import FineTuneJobSpec
@@ -84,19 +86,20 @@ def run_kubetune(path: str, ids: list[list[int]], tokenizer, steps: int, log: Lo
         "method": "qlora", "lora": {"r": HYPER["r"], "alpha": HYPER["alpha"], "dropout": HYPER["dropout"],
                                     "targetModules": ATTN},
         "training": {"maxSteps": steps, "maxSeqLength": 2048, "packing": False, "learningRate": HYPER["lr"],
+                     "microBatchSize": HYPER["micro"],
                      "lrScheduler": "linear", "warmupRatio": 0.0, "weightDecay": 0.0, "maxGradNorm": 1.0,
-                     "batchSize": HYPER["micro"] * HYPER["accum"], "microBatchSize": HYPER["micro"],
+                     "batchSize": HYPER["micro"] * HYPER["accum"],
                      "gradientCheckpointing": "on", "seed": HYPER["seed"]},
         "output": {"uri": "pvc://runs/parity"}, "checkpointEverySteps": 1_000_000,
     })
-    plan = plan_batches(spec, Path(path), on_gpu=True)
+    plan = plan_batches(spec, Path(path), on_gpu=True, world_size=ranks.world_size)
     set_seed(HYPER["seed"])
     model = attach_lora(load_base(Path(path), spec, Placement.detect(), gradient_checkpointing=True), spec)
     rows = unpacked([Example(x, x[:], "parity") for x in ids])
     trainer, _ = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/parity-kubetune"),
                                pad_id=tokenizer.pad_token_id,
                                callback_kwargs={"reporter": _Quiet(), "store": _Quiet(), "preemption": PreemptionFlag(),
-                                                "evaluate": dict})
+                                                "evaluate": dict, "ranks": ranks})
     trainer.add_callback(log)
     trainer.train()
 
@@ -119,9 +122,19 @@ def main() -> None:
     tokenizer = load_tokenizer(Path(a.tokenizer))
     ids = token_ids(tokenizer, a.steps * HYPER["micro"] * HYPER["accum"])
     log = LossLog()
-    (run_baseline if a.case == "baseline" else run_kubetune)(build_model_dir(a.arch), ids, tokenizer, a.steps, log)
-    print(json.dumps({"case": a.case, "arch": a.arch, "steps": a.steps, "hyper": HYPER, "losses": log.losses,
-                      "gpu": torch.cuda.get_device_name(0)}), flush=True)
+    ranks = distributed.init_from_env()  # a group of one, unless under torchrun
+    if ranks.is_main:
+        build_model_dir(a.arch)
+    distributed.barrier(ranks)
+    path = build_model_dir(a.arch)
+    if a.case == "baseline":
+        run_baseline(path, ids, tokenizer, a.steps, log)
+    else:
+        run_kubetune(path, ids, tokenizer, a.steps, log, ranks)
+    if ranks.is_main:
+        print(json.dumps({"case": a.case, "arch": a.arch, "steps": a.steps, "hyper": HYPER,
+                          "gpus": ranks.world_size, "losses": log.losses,
+                          "gpu": torch.cuda.get_device_name(0)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ BENCH = [sys.executable, str(HERE / "trainer_bench.py"), "--batch", "16", "--ste
 ANCHOR = [sys.executable, str(HERE / "baseline" / "qlora_anchor.py"), "--steps", "14", "--warmup", "4"]
 PARITY = [sys.executable, str(HERE / "loss_parity.py"), "--steps", "200"]
 
-CASES = {  # in this order: the anchor script reuses the model directories trainer_bench builds
+CASES = {
     "kubetune-7b-attn": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn"],
     "kubetune-7b-all-linear": BENCH + ["--arch", "qwen2.5-7b", "--targets", "all-linear"],
     "kubetune-7b-lean": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "10"],
@@ -43,8 +43,12 @@ CASES = {  # in this order: the anchor script reuses the model directories train
 }
 
 
-def _share_model_dirs() -> None:
-    """The anchor script builds its own copies of the same random-init shapes; point it at ours."""
+def _build_model_dirs() -> None:
+    """Random-init model directories, built in a process of their own: a case that built one on the
+    GPU itself kept ~15 GiB of it and ran out of memory on a plan that fits (H200, 7B, micro-batch 8).
+    The anchor script's own copies of the same shapes point at ours."""
+    code = "from archs import build_model_dir\nfor a in ('qwen2.5-7b', 'qwen2.5-1.5b', 'qwen2.5-0.5b'): build_model_dir(a)"
+    subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True)
     for arch in ("qwen2.5-7b", "qwen2.5-1.5b"):
         ours, theirs = Path("/tmp/bench-models") / arch, Path(f"/tmp/anchor-{arch}")
         if ours.exists() and not theirs.exists():
@@ -63,8 +67,8 @@ def main() -> None:
               "versions": {n: importlib.metadata.version(n) for n in (
                   "torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel")},
               "cases": {}}
+    _build_model_dirs()
     for name in a.only or CASES:
-        _share_model_dirs()
         command = CASES[name] + ["--tokenizer", a.tokenizer]
         started = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, env=os.environ)

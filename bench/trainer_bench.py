@@ -5,7 +5,8 @@ Same data shape as the baseline (bench/baseline/qlora_anchor.py): Alpaca-like le
 (data preparation, packing, model loading, Trainer set-up) and times steps after a warm-up.
 
 Usage: python bench/trainer_bench.py --arch qwen2.5-1.5b --targets attn --steps 24 --tokenizer DIR
-Prints one JSON line.
+Under torchrun (--nproc-per-node N) each GPU takes --batch rows per step (DDP, as the trainer
+runs for resources.gpus: N) and tokens/s counts all of them. Prints one JSON line (rank 0).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from archs import ARCHS, build_model_dir, flops_per_token  # noqa: E402
 
 from kubetune.api.finetunejob import FineTuneJobSpec  # noqa: E402
+from kubetune_trainer import distributed  # noqa: E402
 from kubetune_trainer.data import Example  # noqa: E402
 from kubetune_trainer.kernels import fused_kernels_available  # noqa: E402
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer  # noqa: E402
@@ -98,7 +100,7 @@ def main() -> None:
     ap.add_argument("--targets", default="attn", choices=sorted(TARGETS))
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8, help="rows of 2,048 tokens per optimizer step")
+    ap.add_argument("--batch", type=int, default=8, help="rows of 2,048 tokens per optimizer step and GPU")
     ap.add_argument("--micro", type=int, default=0, help="rows per forward pass (0: the trainer's plan)")
     ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--gpu-memory-gib", type=float, default=None, help="memory the planner may use (lean profile)")
@@ -106,42 +108,57 @@ def main() -> None:
     ap.add_argument("--profile", help="write a torch.profiler table of two steps after the warm-up here")
     a = ap.parse_args()
 
+    ranks = distributed.init_from_env()
+    if ranks.is_main:
+        build_model_dir(a.arch)
+    distributed.barrier(ranks)
     path = build_model_dir(a.arch)
     tokenizer = load_tokenizer(Path(a.tokenizer))
     spec = FineTuneJobSpec.model_validate({
         "baseModel": {"uri": "pvc://models/bench"}, "dataset": {"uri": "pvc://data/bench.jsonl"},
         "method": "qlora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": TARGETS[a.targets]},
-        "training": {"maxSteps": a.steps, "maxSeqLength": 2048, "packing": True, "batchSize": a.batch,
+        "training": {"maxSteps": a.steps, "maxSeqLength": 2048, "packing": True,
+                     "batchSize": a.batch * ranks.world_size,
                      "microBatchSize": a.micro or None, "gradientCheckpointing": a.checkpointing},
-        "resources": {"gpus": 1, "gpuMemoryGiB": a.gpu_memory_gib},
+        "resources": {"gpus": ranks.world_size, "gpuMemoryGiB": a.gpu_memory_gib},
         "output": {"uri": "pvc://runs/bench"}, "checkpointEverySteps": 1_000_000,
     })
     rows = pack(examples(4000, min(len(tokenizer), ARCHS[a.arch][6])), 2048)
     placement = Placement.detect()
-    plan = plan_batches(spec, Path(path), on_gpu=True)
+    plan = plan_batches(spec, Path(path), on_gpu=True, world_size=ranks.world_size)
     torch.cuda.reset_peak_memory_stats()
     model = attach_lora(load_base(Path(path), spec, placement, gradient_checkpointing=plan.gradient_checkpointing),
                         spec)
     trainer, loop = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/bench-work"),
                                   pad_id=tokenizer.pad_token_id,
                                   callback_kwargs={"reporter": _NullReporter(), "store": _NullStore(),
-                                                   "preemption": PreemptionFlag(), "evaluate": dict})
+                                                   "preemption": PreemptionFlag(), "evaluate": dict,
+                                                   "ranks": ranks})
     timer = StepTimer(loop.counter, a.warmup)
     trainer.add_callback(timer)
     if a.profile:
         trainer.add_callback(StepProfiler(a.warmup, a.profile))
     t = time.perf_counter()
     trainer.train()
-    tps = timer.tokens / timer.seconds
+    tokens = timer.tokens
+    if ranks.distributed:
+        total = torch.tensor([tokens], device="cuda")
+        torch.distributed.all_reduce(total)
+        tokens = int(total.item())
+    tps = tokens / timer.seconds
+    if not ranks.is_main:
+        return
     print(json.dumps({
-        "case": "kubetune", "arch": a.arch, "targets": a.targets, "micro": plan.micro_batch_size,
+        "case": "kubetune", "arch": a.arch, "targets": a.targets, "gpus": ranks.world_size,
+        "micro": plan.micro_batch_size,
         "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
         "gpu_memory_gib": a.gpu_memory_gib, "attention": model.config._attn_implementation,
         "fused_kernels": fused_kernels_available(model.config.model_type),
-        "steps_timed": timer.steps, "tokens": timer.tokens, "seconds": round(timer.seconds, 2),
+        "steps_timed": timer.steps, "tokens": tokens, "seconds": round(timer.seconds, 2),
         "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "planned_gib": round(plan.estimate.total_gib, 2) if plan.estimate else None,
-        "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12, 4), "wall_s": round(time.perf_counter() - t, 1),
+        "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12 / ranks.world_size, 4),
+        "wall_s": round(time.perf_counter() - t, 1),
         "gpu": torch.cuda.get_device_name(0),
         "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "peft", "bitsandbytes",
                                                                 "liger-kernel")},

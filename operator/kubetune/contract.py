@@ -13,3 +13,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after checkpointing; resu
 EXIT_CONFIG = 78  # EX_CONFIG: the spec, model or credentials are unusable; retrying will not help
 
 PROGRESS_ANNOTATION = "kubetune.dev/progress"
+
+# Multi-node runs: torchrun's rendezvous on pod 0 of the Indexed Job, through the headless Service.
+RENDEZVOUS_HOST_ENV = "KUBETUNE_RENDEZVOUS_HOST"
+RENDEZVOUS_PORT = 29500

@@ -58,17 +58,27 @@ def _at_process_boundary(work: Callable[[], int], failed_as: str) -> int:
 
 
 def run_spec(path: Path) -> int:
+    from kubetune_trainer import distributed, launch
     from kubetune_trainer.recipe import FineTuneRecipe
     from kubetune_trainer.runspec import RunSpec
 
     def train() -> int:
-        result = FineTuneRecipe(RunSpec.load(path)).run()
+        runspec = RunSpec.load(path)
+        if launch.needs_launcher(runspec.spec.resources):
+            return launch.launch(runspec.spec.resources, path)
+        ranks = distributed.init_from_env()
+        try:
+            result = FineTuneRecipe(runspec, ranks=ranks).run()
+        finally:
+            distributed.shutdown(ranks)
         if result.preempted:
-            write_termination_message({"preempted": True})
+            if ranks.is_main:
+                write_termination_message({"preempted": True})
             return EXIT_PREEMPTED
-        write_termination_message({"manifest": result.manifest_uri, "manifestSha256": result.manifest_sha256,
-                                   "metrics": {k: result.metrics.get("final", {}).get(k)
-                                               for k in ("evalLoss", "exactMatch", "jsonValid")}})
+        if ranks.is_main:  # the other workers of this pod share its termination log
+            write_termination_message({"manifest": result.manifest_uri, "manifestSha256": result.manifest_sha256,
+                                       "metrics": {k: result.metrics.get("final", {}).get(k)
+                                                   for k in ("evalLoss", "exactMatch", "jsonValid")}})
         return EXIT_OK
     return _at_process_boundary(train, "TrainerError")
 

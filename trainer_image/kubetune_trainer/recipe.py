@@ -28,6 +28,7 @@ from kubetune.planning import RunPlan
 from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import Location, open_location
 from kubetune.storage.manifest import MANIFEST, Manifest, describe_dir, publish
+from kubetune_trainer import distributed
 from kubetune_trainer.checkpoints import CheckpointStore
 from kubetune_trainer.data import PreparedData, prepare
 from kubetune_trainer.evaluation import generation_metrics, holdout_loss
@@ -61,13 +62,16 @@ def library_versions() -> dict[str, str]:
 
 
 class FineTuneRecipe:
-    def __init__(self, runspec: RunSpec, *, preemption: PreemptionFlag | None = None):
-        self.spec, self.run_info = runspec.spec, runspec.run
+    def __init__(self, runspec: RunSpec, *, preemption: PreemptionFlag | None = None,
+                 ranks: distributed.Ranks = distributed.Ranks()):
+        self.spec, self.run_info, self.ranks = runspec.spec, runspec.run, ranks
         self.work = Path(self.run_info.work_dir)
         self.preemption = preemption or PreemptionFlag()
-        channels = [c for c in (PodAnnotationChannel.from_env(),) if c]
-        if self.run_info.progress_file:
-            channels.append(FileChannel(Path(self.run_info.progress_file)))
+        channels = []
+        if ranks.is_main:  # one writer of progress for the whole group
+            channels = [c for c in (PodAnnotationChannel.from_env(),) if c]
+            if self.run_info.progress_file:
+                channels.append(FileChannel(Path(self.run_info.progress_file)))
         self.reporter = ProgressReporter(channels, self.run_info.progress_interval_s)
 
     # -- setup -------------------------------------------------------------------------------
@@ -76,17 +80,23 @@ class FineTuneRecipe:
         return StorageConfig.from_env() if any(u.startswith("s3://") for u in uris) else None
 
     def _setup_sources(self, storage) -> tuple[ModelSource, Path]:
-        volumes, cache = Path(self.run_info.volume_root), Path(self.run_info.cache_dir)
-        model = resolve_model(self.spec.base_model, storage=storage, volume_root=volumes, cache_dir=cache,
-                              allow_hub=self.spec.allow_hub_downloads)
-        data_path = resolve_dataset(self.spec.dataset.uri, storage=storage, volume_root=volumes, cache_dir=cache)
-        return model, data_path
+        """Downloaded once per node (pod); every process then uses the same paths."""
+        sources = None
+        if self.ranks.is_local_main:
+            volumes, cache = Path(self.run_info.volume_root), Path(self.run_info.cache_dir)
+            model = resolve_model(self.spec.base_model, storage=storage, volume_root=volumes, cache_dir=cache,
+                                  allow_hub=self.spec.allow_hub_downloads)
+            sources = model, resolve_dataset(self.spec.dataset.uri, storage=storage, volume_root=volumes,
+                                             cache_dir=cache)
+        return distributed.from_main(self.ranks, sources)
 
     def _setup_model(self, source: ModelSource, placement: Placement, plan: RunPlan):
         model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing)
         return attach_lora(model, self.spec)
 
     def _evaluate(self, model, tokenizer, data: PreparedData, *, generate: bool) -> dict:
+        if not self.ranks.is_main:
+            return {}
         metrics = holdout_loss(model, data.validation, tokenizer.pad_token_id)
         if generate and self.spec.evaluation.exact_match:
             metrics |= generation_metrics(model, tokenizer, data.validation,
@@ -100,7 +110,8 @@ class FineTuneRecipe:
         storage = self._storage()
         output = open_location(parse_uri(self.run_info.output_uri), storage=storage,
                                volume_root=Path(self.run_info.volume_root))
-        output.ensure_ready()
+        if self.ranks.is_main:
+            output.ensure_ready()
         source, data_path = self._setup_sources(storage)
         tokenizer = load_tokenizer(source.path)
         data = prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer)
@@ -108,7 +119,7 @@ class FineTuneRecipe:
         max_len = self.spec.training.max_seq_length
         rows = pack(data.train, max_len) if self.spec.training.packing else unpacked(data.train)
         placement = Placement.detect()
-        plan = plan_batches(self.spec, source.path, placement.device == "cuda")
+        plan = plan_batches(self.spec, source.path, placement.device == "cuda", self.ranks.world_size)
         # Seed before LoRA's random init: a rerun of the same spec must start from the same weights.
         set_seed(self.spec.training.seed)
         model = self._setup_model(source, placement, plan)
@@ -117,19 +128,23 @@ class FineTuneRecipe:
         baseline = self._evaluate(model, tokenizer, data, generate=True)  # LoRA starts as a no-op: this is the base
         store = CheckpointStore(output, self.spec.output.keep_checkpoints)
         self.work.mkdir(parents=True, exist_ok=True)
-        resume = store.pull_latest(self.work / "checkpoints")
+        resume = store.pull_latest(self.work / "checkpoints") if self.ranks.is_local_main else None
+        resume = distributed.from_main(self.ranks, resume)
         if resume:
             log.info("resuming from %s", resume[1])
         trainer, loop = build_trainer(
             model, self.spec, rows, plan=plan, work_dir=self.work, pad_id=tokenizer.pad_token_id,
             callback_kwargs={"reporter": self.reporter, "store": store, "preemption": self.preemption,
-                             "evaluate": lambda: holdout_loss(model, data.validation, tokenizer.pad_token_id)})
+                             "evaluate": lambda: holdout_loss(model, data.validation, tokenizer.pad_token_id),
+                             "ranks": self.ranks})
         loop.last_checkpoint = resume[1] if resume else None
         self.preemption.install()
         reset_peak_memory()
         result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-        if self.preemption.raised:
+        if loop.stopped_for_preemption:
             return RunResult(preempted=True)
+        if not self.ranks.is_main:
+            return RunResult(preempted=False)  # rank 0 evaluates and publishes
 
         self.reporter.report(ProgressReport("evaluating", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss), force=True)

@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.planning import DoesNotFit, ModelShape, RunPlan, plan_run
 from kubetune.planning.memory import GiB
+from kubetune_trainer import distributed
 from kubetune_trainer.checkpoints import CheckpointStore
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels import fused_kernels_available
@@ -63,7 +64,7 @@ class PreemptionFlag:
         self.raised = True
 
 
-def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool) -> RunPlan:
+def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool, world_size: int = 1) -> RunPlan:
     """The operator's planner, now with the real GPU's memory (or less, where resources.gpuMemoryGiB
     caps what this job may use), the model's real shape and the kernels this process has."""
     try:
@@ -77,7 +78,8 @@ def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool) -> RunPla
         memory = torch.cuda.get_device_properties(0).total_memory / GiB
         memory = min(memory, spec.resources.gpu_memory_gib or memory)
     try:
-        plan = plan_run(spec, shape, memory, fused_kernels=fused_kernels_available(config.get("model_type")))
+        plan = plan_run(spec, shape, memory, fused_kernels=fused_kernels_available(config.get("model_type")),
+                        world_size=world_size)
     except DoesNotFit as exc:
         raise ConfigError(str(exc)) from exc
     log.info("plan: %s", plan.summary())
@@ -86,9 +88,10 @@ def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool) -> RunPla
 
 class LoopCallback(TrainerCallback):
     def __init__(self, *, reporter: ProgressReporter, store: CheckpointStore, counter: CountingCollator,
-                 preemption: PreemptionFlag, evaluate):
+                 preemption: PreemptionFlag, evaluate, ranks: distributed.Ranks = distributed.Ranks()):
         self.reporter, self.store, self.counter, self.preemption = reporter, store, counter, preemption
-        self.evaluate = evaluate
+        self.evaluate, self.ranks = evaluate, ranks
+        self.stopped_for_preemption = False
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
         self.last_checkpoint: str | None = None
@@ -105,6 +108,8 @@ class LoopCallback(TrainerCallback):
             self.last_loss = float(logs["loss"])
 
     def _report(self, state, force: bool = False) -> None:
+        if not self.ranks.is_main:
+            return
         elapsed = time.monotonic() - (self._t0 or time.monotonic())
         done = state.global_step - self._step0
         eta = None
@@ -116,14 +121,19 @@ class LoopCallback(TrainerCallback):
             self.eval_loss, self.tokens_per_second, eta, self.last_checkpoint), force=force)
 
     def on_step_end(self, args, state, control, **kw):
-        if self.preemption.raised:
+        # Every rank stops at the same step, or the others would wait in the next all-reduce forever.
+        if distributed.any_rank(self.ranks, self.preemption.raised):
+            self.stopped_for_preemption = True
             control.should_save = True
             control.should_training_stop = True
         self._report(state)
 
     def on_save(self, args, state, control, **kw):
+        if not self.ranks.is_main:
+            return  # rank 0's checkpoint holds the adapter, optimizer and schedule of the whole group
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        self.eval_loss = self.evaluate().get("evalLoss")
+        if not self.stopped_for_preemption:  # after SIGTERM the grace period is for the upload
+            self.eval_loss = self.evaluate().get("evalLoss")
         self.last_checkpoint = self.store.push(local, state.global_step)
         log.info("checkpoint %s (step %d, eval loss %s)", self.last_checkpoint, state.global_step, self.eval_loss)
         self._report(state, force=True)
@@ -158,6 +168,7 @@ def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: RunPla
         seed=t.seed,
         data_seed=t.seed,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
         remove_unused_columns=False,
         disable_tqdm=True,
         use_cpu=not on_gpu,

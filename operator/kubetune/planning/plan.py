@@ -57,11 +57,13 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, micro: int, checkpointin
 
 
 def plan_run(spec: FineTuneJobSpec, shape: ModelShape | None, gpu_memory_gib: float | None, *,
-             fused_kernels: bool = True) -> RunPlan:
+             fused_kernels: bool = True, world_size: int | None = None) -> RunPlan:
     """fused_kernels: whether the trainer fuses the LM head with the loss; the trainer image does
-    (the operator plans for it), a trainer without liger-kernel says so itself."""
+    (the operator plans for it), a trainer without liger-kernel says so itself.
+    world_size: the processes that share the batch; the spec's GPUs x nodes unless the trainer
+    knows better (its torchrun group)."""
     t, r = spec.training, spec.resources
-    world = max(1, r.gpus) * r.nodes
+    world = world_size or max(1, r.gpus) * r.nodes
     per_process = math.ceil(t.batch_size / world)
     fixed_checkpointing = {"on": True, "off": False}.get(t.gradient_checkpointing)
 

@@ -1,0 +1,51 @@
+"""A run under torchrun: two workers (gloo on the CPU here, NCCL on GPUs) share the batch, rank 0
+alone checkpoints and publishes, and the run resumes with a different number of workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kubetune.contract import EXIT_OK
+from kubetune.storage.location import LocalLocation
+from kubetune.storage.manifest import read_manifest
+from kubetune_trainer.checkpoints import CheckpointStore
+from tests.trainer.recipe_support import make_volume, run_spec, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(spec_path, workers: int, log) -> int:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+               "-m", "kubetune_trainer.main", "--spec", str(spec_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=900).returncode
+
+
+def test_two_workers_write_once_and_resume_with_one(tmp_path, smollm2_dir):
+    volumes = make_volume(tmp_path, smollm2_dir, records=40)
+    output = LocalLocation(volumes / "runs" / "job", "pvc://runs/job")
+    common = {"checkpointEverySteps": 2, "output": {"keepCheckpoints": 5}}
+
+    two = write_spec(tmp_path / "two.json", run_spec(tmp_path / "two", volumes, training={"maxSteps": 4}, **common))
+    assert _torchrun(two, 2, tmp_path / "two.log") == EXIT_OK, (tmp_path / "two.log").read_text()[-3000:]
+    log = (tmp_path / "two.log").read_text()
+    assert "micro-batch 1 x accumulation 1 x 2 process(es) = 2 rows per step" in log  # the spec's batch of 2, split
+    assert log.count("published pvc://runs/job") == 1  # rank 0 alone publishes
+    assert CheckpointStore(output, keep=5).complete_steps() == [2, 4]
+    assert read_manifest(output).metadata["metrics"]["train"]["steps"] == 4
+    progress = json.loads((tmp_path / "two" / "progress.json").read_text())
+    assert progress["phase"] == "done" and progress["step"] == 4
+
+    # The same run, longer, on one worker: it resumes at step 4 with the whole batch per step.
+    one = write_spec(tmp_path / "one.json", run_spec(tmp_path / "one", volumes, training={"maxSteps": 6}, **common))
+    assert _torchrun(one, 1, tmp_path / "one.log") == EXIT_OK, (tmp_path / "one.log").read_text()[-3000:]
+    log = (tmp_path / "one.log").read_text()
+    assert "resuming from pvc://runs/job/checkpoints/checkpoint-4" in log
+    assert "micro-batch 2 x accumulation 1 x 1 process(es) = 2 rows per step" in log
+    assert read_manifest(output).metadata["metrics"]["train"]["steps"] == 6
+    assert CheckpointStore(output, keep=5).complete_steps() == [2, 4, 6]
