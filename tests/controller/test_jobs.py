@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubetune.api import FineTuneJob
-from kubetune.controller.jobs import build_configmap, build_job, job_name, run_output_uri
+from kubetune.controller.jobs import build_configmap, build_job, build_rendezvous_service, job_name, run_output_uri
 from kubetune.controller.settings import OperatorSettings
 from tests.support import example_docs, minimal_job, patched
 
@@ -126,3 +126,22 @@ def test_built_objects_match_the_reviewed_golden_files(name, ftj):
         golden.write_text(built)
     assert golden.exists(), f"no golden file {golden.name}: run with KUBETUNE_UPDATE_GOLDEN=1 and review it"
     assert built == golden.read_text()
+
+
+def test_several_nodes_get_an_indexed_job_and_a_rendezvous_service():
+    ftj = dict(JOBS)["qlora-72b-multinode.yaml:legal-qwen72b"]
+    job, service = build_job(ftj, SETTINGS), build_rendezvous_service(ftj)
+    kubernetes_validate.validate(service, "1.33", strict=True)
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["suspend"] is True  # Kueue admits the pod set (both nodes) as a whole
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # Pod i of an Indexed Job is JOB-i; with the Service as subdomain, JOB-0.JOB resolves to rank 0's node.
+    assert pod["subdomain"] == service["metadata"]["name"] == job_name(ftj)
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KUBETUNE_RENDEZVOUS_HOST"] == f"{job_name(ftj)}-0.{job_name(ftj)}"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job_name(ftj)}
+    single = dict(JOBS)["qlora-7b-minio.yaml:support-bot-qwen7b"]
+    assert build_job(single, SETTINGS)["spec"]["completions"] == 1
+    assert "subdomain" not in build_job(single, SETTINGS)["spec"]["template"]["spec"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import datetime
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -545,3 +546,24 @@ async def test_api_errors_and_dropped_watches_lose_no_update(cluster):
         await pod(cluster, "second-p", "Running", ftj="second")
         await wait_for(lambda: status(cluster, "second").get("phase") == "Running", timeout=30,
                        what="a pod update after the drop")
+
+
+async def test_several_nodes_run_as_one_group(cluster):
+    async with running_operator():
+        await apply(cluster, job_doc(resources={"gpus": 2, "nodes": 2}))
+        job = await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        assert (job["spec"]["completionMode"], job["spec"]["parallelism"]) == ("Indexed", 2)
+        service = obj(cluster, "v1/services", "job-train")
+        assert service["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "job-train"
+        await pod(cluster, "job-train-0-a", "Running")
+        await pod(cluster, "job-train-1-a", "Running")
+        await wait_for(lambda: status(cluster).get("phase") == "Running", what="Running")
+        # Rank 1's node dies: rank 0 would wait in its next all-reduce until NCCL's timeout.
+        finished = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=5)
+        await cluster.patch(f"/api/v1/namespaces/{NS}/pods/job-train-1-a/status", json={"status": {
+            "phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                "exitCode": 137, "reason": "Error", "finishedAt": finished.strftime("%Y-%m-%dT%H:%M:%SZ")}}}]}})
+        await wait_for(lambda: obj(cluster, "v1/pods", "job-train-0-a") is None, what="rank 0 stopped with its group")
+        await wait_for(lambda: [o for _, o in _events(cluster) if o.get("reason") == "GroupRestart"],
+                       what="GroupRestart event")
+        assert obj(cluster, "batch/v1/jobs", "job-train")  # the same Job: its controller starts both ranks again

@@ -1,5 +1,6 @@
-"""A run under torchrun: two workers (gloo on the CPU here, NCCL on GPUs) share the batch, rank 0
-alone checkpoints and publishes, and the run resumes with a different number of workers."""
+"""A run with resources.gpus: 2 starts itself under torchrun: two workers (gloo on the CPU here,
+NCCL on GPUs) share the batch, rank 0 alone checkpoints and publishes, and the run resumes with a
+different number of workers."""
 
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ from tests.trainer.recipe_support import make_volume, run_spec, write_spec
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(spec_path, workers: int, log) -> int:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-               "-m", "kubetune_trainer.main", "--spec", str(spec_path)]
+def _trainer(spec_path, log) -> int:
+    command = [sys.executable, "-m", "kubetune_trainer.main", "--spec", str(spec_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=900).returncode
 
@@ -31,8 +31,9 @@ def test_two_workers_write_once_and_resume_with_one(tmp_path, smollm2_dir):
     output = LocalLocation(volumes / "runs" / "job", "pvc://runs/job")
     common = {"checkpointEverySteps": 2, "output": {"keepCheckpoints": 5}}
 
-    two = write_spec(tmp_path / "two.json", run_spec(tmp_path / "two", volumes, training={"maxSteps": 4}, **common))
-    assert _torchrun(two, 2, tmp_path / "two.log") == EXIT_OK, (tmp_path / "two.log").read_text()[-3000:]
+    two = write_spec(tmp_path / "two.json", run_spec(tmp_path / "two", volumes, training={"maxSteps": 4},
+                                                     resources={"gpus": 2}, **common))
+    assert _trainer(two, tmp_path / "two.log") == EXIT_OK, (tmp_path / "two.log").read_text()[-3000:]
     log = (tmp_path / "two.log").read_text()
     assert "micro-batch 1 x accumulation 1 x 2 process(es) = 2 rows per step" in log  # the spec's batch of 2, split
     assert log.count("published pvc://runs/job") == 1  # rank 0 alone publishes
@@ -42,8 +43,9 @@ def test_two_workers_write_once_and_resume_with_one(tmp_path, smollm2_dir):
     assert progress["phase"] == "done" and progress["step"] == 4
 
     # The same run, longer, on one worker: it resumes at step 4 with the whole batch per step.
-    one = write_spec(tmp_path / "one.json", run_spec(tmp_path / "one", volumes, training={"maxSteps": 6}, **common))
-    assert _torchrun(one, 1, tmp_path / "one.log") == EXIT_OK, (tmp_path / "one.log").read_text()[-3000:]
+    one = write_spec(tmp_path / "one.json", run_spec(tmp_path / "one", volumes, training={"maxSteps": 6},
+                                                     resources={"gpus": 1}, **common))
+    assert _trainer(one, tmp_path / "one.log") == EXIT_OK, (tmp_path / "one.log").read_text()[-3000:]
     log = (tmp_path / "one.log").read_text()
     assert "resuming from pvc://runs/job/checkpoints/checkpoint-4" in log
     assert "micro-batch 2 x accumulation 1 x 1 process(es) = 2 rows per step" in log

@@ -55,6 +55,9 @@ capabilities:
   resources: ["configmaps"]
   verbs: ["get", "create", "delete"]
 - apiGroups: [""]
+  resources: ["services"]  # headless, for multi-node rendezvous
+  verbs: ["get", "create"]
+- apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
 - apiGroups: [""]

@@ -1,4 +1,6 @@
-"""FineTuneJob -> the objects that run it: a ConfigMap with the run spec and a batch/v1 Job.
+"""FineTuneJob -> the objects that run it: a ConfigMap with the run spec and a batch/v1 Job (for
+several nodes an Indexed Job, one pod per node, and a headless Service for torchrun's rendezvous:
+the pattern of JobSet and Kubeflow's trainer, with nothing but batch/v1 and v1).
 
 Pure functions: the same FineTuneJob and settings always give the same manifests, so a restarted
 operator computes the names of what it created before and adopts them.
@@ -15,7 +17,7 @@ from kubetune.api.meta import API_VERSION
 from kubetune.api.uris import parse_uri
 from kubetune.controller.settings import OperatorSettings
 from kubetune.storage.config import REQUIRED_KEYS, SECRET_KEYS
-from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_PREEMPTED
+from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_PREEMPTED, RENDEZVOUS_HOST_ENV, RENDEZVOUS_PORT
 
 LABEL_JOB = "kubetune.dev/finetunejob"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
@@ -189,10 +191,30 @@ def trainer_pod_spec(settings: OperatorSettings, *, image: str, args: list[str],
     }
 
 
+def multi_node(ftj: FineTuneJob) -> bool:
+    return ftj.spec.resources.nodes > 1
+
+
+def build_rendezvous_service(ftj: FineTuneJob) -> dict[str, Any]:
+    """Headless: gives each pod of the Indexed Job a DNS name (JOB-INDEX.JOB), pod 0's for rendezvous.
+    Not-ready addresses are published: the ranks meet before any of them could be ready."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": job_name(ftj), "namespace": ftj.metadata.namespace, "labels": _labels(ftj),
+                     "ownerReferences": [owner_reference(ftj)]},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {"batch.kubernetes.io/job-name": job_name(ftj)},
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}]},
+    }
+
+
 def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     spec, r = ftj.spec, ftj.spec.resources
+    env = _env(ftj, settings)
+    if multi_node(ftj):
+        env.append({"name": RENDEZVOUS_HOST_ENV, "value": f"{job_name(ftj)}-0.{job_name(ftj)}"})
     pod_spec = trainer_pod_spec(settings, image=spec.trainer_image or settings.trainer_image,
-                                args=["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"], env=_env(ftj, settings),
+                                args=["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"], env=env,
                                 resources=_resources(ftj, settings), configmap=configmap_name(ftj),
                                 claims=_claims(ftj))
     if r.node_selector:
@@ -205,6 +227,13 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         pod_spec["priorityClassName"] = r.priority_class_name
     if r.runtime_class_name:
         pod_spec["runtimeClassName"] = r.runtime_class_name
+    parallel: dict[str, Any] = {"completions": 1, "parallelism": 1}
+    if multi_node(ftj):
+        # All pods at once (Kueue admits the Job's one pod set as a whole), each with its GPUs;
+        # the completion index is torchrun's node rank.
+        parallel = {"completionMode": "Indexed", "completions": r.nodes, "parallelism": r.nodes}
+        pod_spec["subdomain"] = job_name(ftj)
+        pod_spec["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
     labels = _labels(ftj)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
@@ -215,7 +244,7 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
             "suspend": bool(spec.queue_name) or spec.suspend,
             "backoffLimit": spec.backoff_limit,
             "podFailurePolicy": pod_failure_policy(),
-            "completions": 1, "parallelism": 1,
+            **parallel,
             "template": {"metadata": {"labels": {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}},
                          "spec": pod_spec},
         },

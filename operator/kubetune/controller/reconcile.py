@@ -12,8 +12,8 @@ from kubetune.api import API_VERSION, FineTuneJob
 from kubetune.api.finetunejob import FineTuneJobSpec, changed_immutable_fields
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import validate_object
-from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, configmap_name, job_name,
-                                     run_output_uri)
+from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, build_rendezvous_service,
+                                     configmap_name, job_name, multi_node, run_output_uri)
 from kubetune.controller import metrics
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.controller.objects import create_or_adopt
@@ -21,7 +21,7 @@ from kubetune.controller.planning import plan_job
 from kubetune.controller.secrets import NotReady
 from kubetune.controller.settings import OperatorSettings
 from kubetune.planning import DoesNotFit
-from kubetune.controller.status import TERMINAL, Observation, observe, set_condition, status_patch
+from kubetune.controller.status import TERMINAL, Observation, broken_group, observe, set_condition, status_patch
 
 FTJ_PLURAL = "finetunejobs"
 NOT_READY_RETRY_S = 5  # a missing Secret or an unreachable store is looked at again this often
@@ -94,6 +94,8 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) 
                                                            f"{limit} job(s) already run in {namespace}"), generation)
             return
         await create_or_adopt(client, cm_path, build_configmap(ftj, settings))
+        if multi_node(ftj):
+            await create_or_adopt(client, path_for("v1", "services", namespace), build_rendezvous_service(ftj))
         job, created = await create_or_adopt(client, jobs_path, build_job(ftj, settings))
         if created:
             kopf.info(body, reason="JobCreated", message=f"created Job {job_name(ftj)}")
@@ -141,6 +143,10 @@ async def _planned(client: KubeClient, settings: OperatorSettings, body: dict, f
 async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, status: dict, job: dict | None) -> None:
     namespace = body["metadata"]["namespace"]
     pods = await client.list(path_for("v1", "pods", namespace), {LABEL_JOB: ftj.metadata.name}) if job else []
+    for pod in broken_group(job, pods):
+        await client.delete(path_for("v1", "pods", namespace, pod["metadata"]["name"]))
+        kopf.info(body, reason="GroupRestart", message=f"stopped {pod['metadata']['name']}: a pod of its group "
+                                                       "stopped, so all ranks restart and resume together")
     obs = observe(ftj.spec.suspend, job, pods)
     if obs.phase == "Succeeded" and not status.get("adapterRef"):
         status["adapterRef"] = await ensure_adapter(client, body, ftj, obs)

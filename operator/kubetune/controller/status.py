@@ -69,6 +69,31 @@ def _created(obj: dict) -> str:
     return (obj.get("metadata") or {}).get("creationTimestamp") or ""
 
 
+def _finished(pod: dict) -> str:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        finished = ((cs.get("state") or {}).get("terminated") or {}).get("finishedAt")
+        if finished:
+            return finished
+    return _created(pod)
+
+
+def broken_group(job: dict | None, pods: list[dict]) -> list[dict]:
+    """Pods of a multi-node run that outlived a member's failure or preemption.
+
+    The ranks of one attempt are one group: once a pod has stopped, the others wait in collectives
+    that can never complete, and the pod the Job controller starts in its place cannot join them.
+    These survivors are to be stopped, so that the whole group starts again and resumes together.
+    """
+    if job is None or (job.get("spec") or {}).get("completionMode") != "Indexed":
+        return []
+    stopped = [_finished(p) for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    if not stopped:
+        return []
+    last_stop = max(stopped)
+    return [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")
+            and not (p.get("metadata") or {}).get("deletionTimestamp") and _created(p) < last_stop]
+
+
 @dataclass
 class Observation:
     phase: str
@@ -104,7 +129,8 @@ def observe(spec_suspend: bool, job: dict | None, pods: list[dict]) -> Observati
         return obs
     if _job_condition(job, "Complete"):
         succeeded = [p for p in finished if (p.get("status") or {}).get("phase") == "Succeeded"]
-        obs.result = termination(succeeded[-1])[2] if succeeded else {}
+        # Several nodes: the pods of ranks other than 0 succeed with nothing to say.
+        obs.result = next((r for r in (termination(p)[2] for p in reversed(succeeded)) if r), {})
         obs.phase, obs.reason, obs.message = "Succeeded", "TrainingComplete", "the run finished and was published"
         return obs
     failed_cond = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
