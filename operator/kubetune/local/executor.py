@@ -261,6 +261,22 @@ class LocalExecutor:
         except ProcessLookupError:
             await running.process.wait()
 
+    async def evict(self, namespace: str, name: str) -> None:
+        """What a node drain or a preemption does to a pod through the Eviction API: the pod is marked
+        DisruptionTarget, its container is stopped (SIGTERM, then SIGKILL after the grace period) and
+        how it ended is recorded; the Job's podFailurePolicy then decides (kubetune's: ignore, retry)."""
+        pod = await self.client.get(path_for("v1", "pods", namespace, name))
+        if pod is None:
+            return
+        conditions = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") != "DisruptionTarget"]
+        conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                           "message": "Eviction API: evicting", "lastTransitionTime": now_rfc3339()})
+        await self._pod_status(pod, {"conditions": conditions})
+        running = self.running.pop((namespace, name), None)
+        if running is not None:
+            await self._terminate(running)
+            await self._record_exit(pod, running)
+
     async def _delete_pod(self, pod: dict) -> None:
         running = self.running.pop(_key(pod), None)
         if running is not None:
