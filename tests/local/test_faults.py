@@ -135,3 +135,40 @@ async def _status_is(status, **wanted) -> bool:
 async def _finished(status):
     current = await status()
     return current if current.get("phase") in ("Succeeded", "Failed") else None
+
+
+async def test_bad_datasets_fail_at_once_with_the_line_and_publish_nothing(tmp_path, smollm2_dir):
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    good = json.dumps(invoice_records(1)[0])
+    datasets_content = {
+        "malformed": f"{good}\n{good}\n{{\"prompt\": \"unterminated\n",
+        "empty": "",
+        "wrong-fields": json.dumps({"question": "q", "answer": "a"}) + "\n",
+    }
+    async with LocalStack(tmp_path / "stack") as stack:
+        await asyncio.to_thread(import_model, smollm2_dir, "s3://models/smollm2", stack.storage)
+        datasets = open_location("s3://datasets", storage=stack.storage, volume_root=tmp_path)
+        datasets.ensure_ready()
+        for name, text in datasets_content.items():
+            datasets.put_bytes(f"{name}.jsonl", text.encode())
+            job = {**doc, "metadata": {"name": f"bad-{name}", "namespace": "default"},
+                   "spec": {**doc["spec"], "dataset": {**doc["spec"]["dataset"], "uri": f"s3://datasets/{name}.jsonl"}}}
+            await stack.apply(job)
+
+        async def all_failed():
+            found = {}
+            for name in datasets_content:
+                body = await stack.client.get(path_for("kubetune.dev/v1alpha1", "finetunejobs", "default", f"bad-{name}"))
+                if ((body or {}).get("status") or {}).get("phase") in ("Failed", "Succeeded"):
+                    found[name] = body["status"]
+            return found if len(found) == len(datasets_content) else None
+        statuses = await _wait(all_failed, 600, "every bad-dataset job to end")
+        for name, status in statuses.items():
+            assert status["phase"] == "Failed" and status["failures"] == 1, (name, status)  # no retry of bad data
+            assert f"s3://datasets/{name}.jsonl" in status["message"], status["message"]
+        assert "line 3" in statuses["malformed"]["message"]
+        adapters = open_location("s3://adapters", storage=stack.storage, volume_root=tmp_path)
+        assert not [o.rel for o in adapters.list() if o.rel.endswith("manifest.json")]
+        events = [o.raw for (res, _, _), o in list(stack.api.objects.items()) if res.plural == "events" and not o.deleted]
+        warned = {e["involvedObject"]["name"] for e in events if e.get("type") == "Warning"}
+        assert warned >= {f"bad-{name}" for name in datasets_content}

@@ -104,3 +104,10 @@ def test_config_never_prints_secrets():
                                          "secretKey": "PLANTED-SECRET-42"}, "test")
     assert config.secure and config.endpoint == "minio:9000"
     assert "PLANTED-SECRET-42" not in repr(config)
+
+
+def test_a_bucket_created_by_a_concurrent_run_is_ready(s3_bucket):
+    # Two pods starting together both see no bucket; the one that creates it second must not fail.
+    s3_bucket._make_bucket()
+    s3_bucket.ensure_ready()
+    assert s3_bucket.client.bucket_exists(s3_bucket.bucket)

@@ -162,7 +162,15 @@ class S3Location:
     def ensure_ready(self) -> None:
         """Create the bucket if it does not exist."""
         if not self._retry(f"check bucket {self.bucket}", lambda: self.client.bucket_exists(self.bucket)):
-            self._retry(f"create bucket {self.bucket}", lambda: self.client.make_bucket(self.bucket))
+            self._retry(f"create bucket {self.bucket}", self._make_bucket)
+
+    def _make_bucket(self) -> None:
+        try:
+            self.client.make_bucket(self.bucket)
+        except S3Error as exc:
+            # Runs starting together race to create a shared bucket: whoever loses finds it made.
+            if exc.code != "BucketAlreadyOwnedByYou":
+                raise
 
     def put_file(self, rel: str, path: Path) -> None:
         key = self._key(rel)
