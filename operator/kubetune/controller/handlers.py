@@ -44,12 +44,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
 
 @contextlib.contextmanager
 def _transient_api_errors():
-    """An API server still failing after the client's own retries: try again in seconds, not the
-    minute Kopf waits after an unexpected error."""
+    """An API server still failing after the client's own retries, or a write that lost a race
+    (409 Conflict: every reconcile starts from a fresh read): try again in seconds, not the minute
+    Kopf waits after an unexpected error."""
     try:
         yield
     except ApiError as exc:
-        if exc.status in TRANSIENT_STATUS:
+        if exc.status in TRANSIENT_STATUS or exc.status == 409:
             raise kopf.TemporaryError(str(exc), delay=2) from exc
         raise
 
