@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,11 @@ from kubetune.storage.location import open_location
 from kubetune.storage.manifest import read_manifest, verify
 from kubetune.storage.models import import_model
 from kubetune_trainer.samples import invoice_records
+from tests.local.support import eventually
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "local" / "finetunejob.yaml"
 
-
-async def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_apply_to_verified_adapter(tmp_path, smollm2_dir, caplog):
@@ -54,7 +45,7 @@ async def test_apply_to_verified_adapter(tmp_path, smollm2_dir, caplog):
             if (status.get("progress") or {}).get("step"):
                 seen_progress.append(status["progress"]["step"])
             return status if status.get("phase") in ("Succeeded", "Failed") else None
-        status = await _wait(finished, 900, "the FineTuneJob to finish")
+        status = await eventually(finished, 900, "the FineTuneJob to finish")
         assert status["phase"] == "Succeeded", status.get("message")
         assert seen_progress, "status.progress was never mirrored while training"
         assert next(c for c in status["conditions"] if c["type"] == "Complete")["status"] == "True"
@@ -64,7 +55,7 @@ async def test_apply_to_verified_adapter(tmp_path, smollm2_dir, caplog):
         async def adapter_settled():
             body = (await stack.client.get(adapter_path("default", name))) or {}
             return body if (body.get("status") or {}).get("phase") in ("Ready", "Failed") else None
-        adapter = await _wait(adapter_settled, 120, "the LoraAdapter to settle")
+        adapter = await eventually(adapter_settled, 120, "the LoraAdapter to settle")
         assert adapter["status"]["phase"] == "Ready", adapter["status"].get("message")
         verified = next(c for c in adapter["status"]["conditions"] if c["type"] == "Verified")
         assert verified["status"] == "True"

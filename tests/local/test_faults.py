@@ -22,21 +22,13 @@ from kubetune.storage.manifest import read_manifest, verify
 from kubetune.storage.models import import_model
 from kubetune_trainer.checkpoints import CHECKPOINT_MANIFEST, CheckpointStore
 from kubetune_trainer.samples import invoice_records
+from tests.local.support import eventually
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "local" / "finetunejob.yaml"
 STEPS, EVERY = 15, 3
 OUTAGE_S = 30
 
-
-async def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_eviction_kill_and_storage_outage_lose_nothing(tmp_path, smollm2_dir):
@@ -72,36 +64,36 @@ async def test_eviction_kill_and_storage_outage_lose_nothing(tmp_path, smollm2_d
             return await asyncio.to_thread(store.complete_steps)
 
         # 1. Eviction once the first checkpoint is complete: SIGTERM, checkpoint at that step, exit 75.
-        await _wait(lambda: _at_least(complete_steps, EVERY), 600, "the first checkpoint")
+        await eventually(lambda: _at_least(complete_steps, EVERY), 600, "the first checkpoint")
         first = await running_pod()
         await stack.executor.evict(ns, first)
         evicted_at = max(await complete_steps())
         assert evicted_at >= EVERY
-        await _wait(lambda: _status_is(status, preemptions=1, phase="Running"), 120, "the preemption counted")
+        await eventually(lambda: _status_is(status, preemptions=1, phase="Running"), 120, "the preemption counted")
 
         # 2. The trainer killed outright (SIGKILL: no chance to checkpoint) after the next checkpoint.
-        await _wait(lambda: _at_least(complete_steps, evicted_at + 1), 600, "a checkpoint after the eviction")
+        await eventually(lambda: _at_least(complete_steps, evicted_at + 1), 600, "a checkpoint after the eviction")
         second = await running_pod()
         assert second != first
         reported = ((await status()).get("progress") or {}).get("step") or 0  # the trainer was at least here
         os.killpg(stack.executor.running[(ns, second)].process.pid, signal.SIGKILL)
         resumed_from = max(await complete_steps())  # the newest whole checkpoint when it died
-        await _wait(lambda: _status_is(status, failures=1, phase="Running"), 120, "the failure counted")
+        await eventually(lambda: _status_is(status, failures=1, phase="Running"), 120, "the failure counted")
 
         # 3. The object store goes away for 30 s while the third attempt trains: its next checkpoint's
         #    upload is retried until the store is back.
-        third = await _wait(running_pod, 60, "the third attempt")
+        third = await eventually(running_pod, 60, "the third attempt")
         assert third not in (first, second)
         log3 = pods_dir / third / "container.log"
-        await _wait(lambda: _async(f"resuming from {run.uri}/checkpoints/checkpoint-{resumed_from}" in log3.read_text()),
+        await eventually(lambda: _async(f"resuming from {run.uri}/checkpoints/checkpoint-{resumed_from}" in log3.read_text()),
                     300, "the third attempt to resume")
         stack.s3.stop()
         stopped = time.monotonic()
-        await _wait(lambda: _async("failed (" in log3.read_text() and time.monotonic() - stopped >= OUTAGE_S),
+        await eventually(lambda: _async("failed (" in log3.read_text() and time.monotonic() - stopped >= OUTAGE_S),
                     300, "an upload retried through a 30-s outage")
         await asyncio.to_thread(stack.s3.start)
 
-        final = await _wait(lambda: _finished(status), 900, "the run to finish")
+        final = await eventually(lambda: _finished(status), 900, "the run to finish")
         assert final["phase"] == "Succeeded", final.get("message")
         assert (final["preemptions"], final["failures"]) == (1, 1)
 
@@ -162,7 +154,7 @@ async def test_bad_datasets_fail_at_once_with_the_line_and_publish_nothing(tmp_p
                 if ((body or {}).get("status") or {}).get("phase") in ("Failed", "Succeeded"):
                     found[name] = body["status"]
             return found if len(found) == len(datasets_content) else None
-        statuses = await _wait(all_failed, 600, "every bad-dataset job to end")
+        statuses = await eventually(all_failed, 600, "every bad-dataset job to end")
         for name, status in statuses.items():
             assert status["phase"] == "Failed" and status["failures"] == 1, (name, status)  # no retry of bad data
             assert f"s3://datasets/{name}.jsonl" in status["message"], status["message"]
