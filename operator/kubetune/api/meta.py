@@ -42,10 +42,11 @@ class Rule:
 
 
 class ApiModel(BaseModel):
-    """camelCase on the wire, snake_case in Python, unknown fields refused."""
+    """camelCase on the wire, snake_case in Python, unknown fields refused, and no type coercion
+    (`suspend: 0`, `r: "16"`): the API server's schema refuses those, so the operator must too."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
-                              validate_default=True)
+                              validate_default=True, strict=True)
     rules: ClassVar[tuple[Rule, ...]] = ()
 
     @classmethod
