@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from archs import build_model_dir  # noqa: E402
+from trainer_bench import loop_without_side_effects, shared_model_dir  # noqa: E402
 
 from kubetune_trainer import distributed  # noqa: E402
 from kubetune_trainer.data import Example  # noqa: E402
@@ -79,7 +79,7 @@ def run_kubetune(path: str, ids: list[list[int]], tokenizer, steps: int, log: Lo
     from kubetune.api.finetunejob import FineTuneJobSpec
     from kubetune_trainer.modeling import Placement, attach_lora, load_base
     from kubetune_trainer.packing import unpacked
-    from kubetune_trainer.training import PreemptionFlag, build_trainer, plan_batches
+    from kubetune_trainer.training import build_trainer, plan_batches
 
     spec = FineTuneJobSpec.model_validate({
         "baseModel": {"uri": "pvc://models/bench"}, "dataset": {"uri": "pvc://data/parity.jsonl"},
@@ -98,18 +98,9 @@ def run_kubetune(path: str, ids: list[list[int]], tokenizer, steps: int, log: Lo
     rows = unpacked([Example(x, x[:], "parity") for x in ids])
     trainer, _ = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/parity-kubetune"),
                                pad_id=tokenizer.pad_token_id,
-                               callback_kwargs={"reporter": _Quiet(), "store": _Quiet(), "preemption": PreemptionFlag(),
-                                                "evaluate": dict, "ranks": ranks})
+                               callback_kwargs=loop_without_side_effects(ranks))
     trainer.add_callback(log)
     trainer.train()
-
-
-class _Quiet:
-    def report(self, report, force=False):
-        pass
-
-    def push(self, local_dir, step):
-        return None
 
 
 def main() -> None:
@@ -123,10 +114,7 @@ def main() -> None:
     ids = token_ids(tokenizer, a.steps * HYPER["micro"] * HYPER["accum"])
     log = LossLog()
     ranks = distributed.init_from_env()  # a group of one, unless under torchrun
-    if ranks.is_main:
-        build_model_dir(a.arch)
-    distributed.barrier(ranks)
-    path = build_model_dir(a.arch)
+    path = shared_model_dir(a.arch, ranks)
     if a.case == "baseline":
         run_baseline(path, ids, tokenizer, a.steps, log)
     else:

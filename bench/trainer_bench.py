@@ -37,14 +37,27 @@ from kubetune_trainer.training import PreemptionFlag, build_trainer, plan_batche
 TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": ["all-linear"]}
 
 
-class _NullStore:
+class _Quiet:
+    """Neither reports progress nor uploads checkpoints: a benchmark measures the training loop."""
+
+    def report(self, report, force=False):
+        pass
+
     def push(self, local_dir, step):
         return None
 
 
-class _NullReporter:
-    def report(self, report, force=False):
-        pass
+def loop_without_side_effects(ranks: distributed.Ranks) -> dict:
+    """build_trainer's callback_kwargs for a run that only trains."""
+    return {"reporter": _Quiet(), "store": _Quiet(), "preemption": PreemptionFlag(), "evaluate": dict, "ranks": ranks}
+
+
+def shared_model_dir(arch: str, ranks: distributed.Ranks) -> str:
+    """The random-init model directory, built by rank 0 while the others wait."""
+    if ranks.is_main:
+        build_model_dir(arch)
+    distributed.barrier(ranks)
+    return build_model_dir(arch)
 
 
 class StepProfiler(TrainerCallback):
@@ -109,10 +122,7 @@ def main() -> None:
     a = ap.parse_args()
 
     ranks = distributed.init_from_env()
-    if ranks.is_main:
-        build_model_dir(a.arch)
-    distributed.barrier(ranks)
-    path = build_model_dir(a.arch)
+    path = shared_model_dir(a.arch, ranks)
     tokenizer = load_tokenizer(Path(a.tokenizer))
     spec = FineTuneJobSpec.model_validate({
         "baseModel": {"uri": "pvc://models/bench"}, "dataset": {"uri": "pvc://data/bench.jsonl"},
@@ -131,9 +141,7 @@ def main() -> None:
                         spec)
     trainer, loop = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/bench-work"),
                                   pad_id=tokenizer.pad_token_id,
-                                  callback_kwargs={"reporter": _NullReporter(), "store": _NullStore(),
-                                                   "preemption": PreemptionFlag(), "evaluate": dict,
-                                                   "ranks": ranks})
+                                  callback_kwargs=loop_without_side_effects(ranks))
     timer = StepTimer(loop.counter, a.warmup)
     trainer.add_callback(timer)
     if a.profile:
