@@ -44,7 +44,7 @@ def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradie
     kwargs = {"dtype": placement.dtype,
               "attn_implementation": attention.register() if on_gpu and attention.available() else "sdpa"}
     if quant is not None:
-        if placement.device != "cuda":
+        if not on_gpu:
             raise ConfigError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use method lora on CPU")
         from transformers import BitsAndBytesConfig
 

@@ -210,11 +210,8 @@ def build_rendezvous_service(ftj: FineTuneJob) -> dict[str, Any]:
 
 def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     spec, r = ftj.spec, ftj.spec.resources
-    env = _env(ftj, settings)
-    if multi_node(ftj):
-        env.append({"name": RENDEZVOUS_HOST_ENV, "value": f"{job_name(ftj)}-0.{job_name(ftj)}"})
     pod_spec = trainer_pod_spec(settings, image=spec.trainer_image or settings.trainer_image,
-                                args=["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"], env=env,
+                                args=["--spec", f"{SPEC_MOUNT}/{SPEC_FILE}"], env=_env(ftj, settings),
                                 resources=_resources(ftj, settings), configmap=configmap_name(ftj),
                                 claims=_claims(ftj))
     if r.node_selector:
@@ -233,7 +230,9 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         # the completion index is torchrun's node rank.
         parallel = {"completionMode": "Indexed", "completions": r.nodes, "parallelism": r.nodes}
         pod_spec["subdomain"] = job_name(ftj)
-        pod_spec["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+        trainer = pod_spec["containers"][0]
+        trainer["env"].append({"name": RENDEZVOUS_HOST_ENV, "value": f"{job_name(ftj)}-0.{job_name(ftj)}"})
+        trainer["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
     labels = _labels(ftj)
     return {
         "apiVersion": "batch/v1", "kind": "Job",
