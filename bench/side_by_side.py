@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCH = [sys.executable, str(HERE / "trainer_bench.py"), "--batch", "16", "--steps", "10", "--warmup", "3"]
+BENCH = [sys.executable, str(HERE / "trainer_bench.py"), "--batch", "16", "--steps", "14", "--warmup", "4"]
 ANCHOR = [sys.executable, str(HERE / "baseline" / "qlora_anchor.py"), "--steps", "14", "--warmup", "4"]
 PARITY = [sys.executable, str(HERE / "loss_parity.py"), "--steps", "200"]
 

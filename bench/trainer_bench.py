@@ -85,7 +85,9 @@ class StepTimer(TrainerCallback):
     def __init__(self, counter, warmup: int):
         self.counter, self.warmup, self.t0 = counter, warmup, None
 
-    def on_step_begin(self, args, state, control, **kw):
+    # From the end of the last warm-up step: the Trainer collates a whole step's micro-batches
+    # before on_step_begin, so a count taken there would already hold the first timed step's tokens.
+    def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.warmup and self.t0 is None:
             torch.cuda.synchronize()
             self.t0, self.tok0 = time.perf_counter(), self.counter.loss_tokens

@@ -4,6 +4,7 @@ refusals that say by how much and what to change."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -35,29 +36,35 @@ def test_shape_from_a_transformers_config():
         ModelShape.from_config({"model_type": "bert"})
 
 
-# Peaks measured on an H100 by bench/ (bench/results/h100-2026-11-22-*.json): the estimate must
+# Peaks measured on an H100 by bench/ (bench/results/h100-2026-11-2*.json): the estimate must
 # not be below them (a plan that fits must not OOM) and not far above (or it refuses jobs that fit).
-MEASURED = [  # shape, targets, micro-batch, seq, checkpointing, fused kernels, peak GiB
-    (BENCH_1_5B, ATTN, 8, 2048, True, False, 33.51),
-    (BENCH_1_5B, ATTN, 16, 2048, True, False, 64.10),
-    (QWEN_7B, ATTN, 8, 2048, True, False, 42.68),
-    (QWEN_7B, ["all-linear"], 8, 2048, True, False, 43.13),
-    (BENCH_0_5B, ["all-linear"], 8, 512, True, False, 8.906),
-    # bench/results/h100-2026-11-23-*.json: Liger kernels
-    (BENCH_1_5B, ATTN, 8, 2048, False, True, 33.15),
-    (BENCH_1_5B, ATTN, 16, 2048, False, True, 64.61),
-    (BENCH_1_5B, ["all-linear"], 8, 2048, False, True, 48.92),
-    (QWEN_7B, ATTN, 2, 2048, False, True, 23.02),
-    (QWEN_7B, ATTN, 4, 2048, False, True, 40.5),
-    (QWEN_7B, ["all-linear"], 2, 2048, False, True, 31.84),
-    (QWEN_7B, ["all-linear"], 4, 2048, False, True, 57.74),
-    (QWEN_7B, ATTN, 2, 2048, True, True, 7.1),
-    (QWEN_7B, ATTN, 16, 2048, True, True, 19.04),
+# Peaks measured while the trainer kept the 4-bit scales double-quantized ("nested") held 3 bytes
+# per 64-weight block less than today's trainer, which expands them at load; that exact amount is added.
+MEASURED = [  # shape, targets, micro-batch, seq, checkpointing, fused kernels, scales, peak GiB
+    (BENCH_1_5B, ATTN, 8, 2048, True, False, "nested", 33.51),
+    (BENCH_1_5B, ATTN, 16, 2048, True, False, "nested", 64.10),
+    (QWEN_7B, ATTN, 8, 2048, True, False, "nested", 42.68),
+    (QWEN_7B, ["all-linear"], 8, 2048, True, False, "nested", 43.13),
+    (BENCH_0_5B, ["all-linear"], 8, 512, True, False, "nested", 8.906),
+    # Liger kernels
+    (BENCH_1_5B, ATTN, 8, 2048, False, True, "nested", 33.15),
+    (QWEN_7B, ATTN, 2, 2048, False, True, "nested", 23.02),
+    (QWEN_7B, ["all-linear"], 2, 2048, False, True, "nested", 31.84),
+    (QWEN_7B, ATTN, 16, 2048, True, True, "nested", 19.04),
+    # bench/results/h100-2026-11-23-side-by-side.json: the current trainer
+    (BENCH_1_5B, ATTN, 16, 2048, False, True, "expanded", 64.67),
+    (BENCH_1_5B, ["all-linear"], 8, 2048, False, True, "expanded", 48.97),
+    (QWEN_7B, ATTN, 4, 2048, False, True, "expanded", 40.76),
+    (QWEN_7B, ["all-linear"], 4, 2048, False, True, "expanded", 58.05),
+    (QWEN_7B, ATTN, 2, 2048, True, True, "expanded", 7.38),
 ]
 
 
-@pytest.mark.parametrize("shape,targets,micro,seq,checkpointing,fused,peak_gib", MEASURED)
-def test_estimate_errs_high_of_measured_peaks_by_little(shape, targets, micro, seq, checkpointing, fused, peak_gib):
+@pytest.mark.parametrize("shape,targets,micro,seq,checkpointing,fused,scales,peak_gib", MEASURED)
+def test_estimate_errs_high_of_measured_peaks_by_little(shape, targets, micro, seq, checkpointing, fused, scales,
+                                                        peak_gib):
+    if scales == "nested":
+        peak_gib += shape.linear_params * 3 / 64 / 2**30
     estimate = estimate_memory(shape, quantized=True, lora_r=16, lora_targets=targets, micro_batch=micro,
                                seq_len=seq, checkpointing=checkpointing, fused_kernels=fused)
     # The fixed terms (CUDA context, allocator slack) weigh most on the smallest peaks.
@@ -86,9 +93,11 @@ def test_small_gpu_gets_checkpointing_and_accumulation():
     plan = plan_run(spec(), QWEN_7B, 10)  # the memory-lean profile: 7B at 2,048 tokens in 10 GiB
     assert plan.gradient_checkpointing and plan.micro_batch_size == 1
     assert plan.gradient_accumulation_steps == 16 and plan.effective_batch == 16
-    assert "about 8.3" in plan.summary() and "of 10 GiB" in plan.summary()
-    with pytest.raises(DoesNotFit, match="needs about 12.1 GiB"):  # the full logits do not fit beside it
+    assert plan.estimate.total_gib <= 10 * 0.92
+    assert f"about {plan.estimate.total_gib:.1f} of 10 GiB" in plan.summary()
+    with pytest.raises(DoesNotFit, match="short by") as refused:  # the full logits do not fit beside it
         plan_run(spec(), QWEN_7B, 10, fused_kernels=False)
+    assert float(re.search(r"needs about ([\d.]+) GiB", str(refused.value)).group(1)) > 10 * 0.92
 
 
 def test_enough_tokens_per_micro_batch_beat_checkpointing():

@@ -79,3 +79,30 @@ def test_fused_kernels_patch_a_supported_model_and_keep_its_loss():
     with torch.no_grad():
         fused = model(input_ids=ids, labels=ids).loss.float()
     torch.testing.assert_close(fused, reference, atol=2e-2, rtol=1e-2)
+
+
+
+def test_expanded_scales_give_the_double_quantized_outputs_and_gradients():
+    import bitsandbytes as bnb
+
+    from kubetune_trainer.modeling import expand_nested_absmax
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 512, bias=False, dtype=torch.bfloat16)
+    layer = bnb.nn.Linear4bit(256, 512, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = torch.nn.Sequential(layer.cuda())
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def output_and_input_grad():
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf)
+        out.float().square().sum().backward()
+        return out.detach(), leaf.grad
+
+    nested = output_and_input_grad()
+    assert expand_nested_absmax(layer) == 1 and not layer[0].weight.quant_state.nested
+    expanded = output_and_input_grad()
+    torch.testing.assert_close(expanded, nested, atol=0, rtol=0)

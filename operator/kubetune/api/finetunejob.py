@@ -40,7 +40,9 @@ class Dataset(ApiModel):
 class Quantization(ApiModel):
     bits: Literal[4, 8] = Field(default=4, description="Storage precision of the frozen base; qlora needs 4.")
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
-    double_quant: bool = Field(default=True, description="Also quantize the quantization constants.")
+    double_quant: bool = Field(default=True, description=(
+        "Also quantize the quantization constants (QLoRA's numerics). The trainer expands them to fp32 once "
+        "at load: 3 bytes per 64 weights more on the GPU, one dequantization fewer in every matmul."))
     compute_dtype: Literal["bfloat16", "float16"] = Field(default="bfloat16", description="Matmul dtype.")
 
 

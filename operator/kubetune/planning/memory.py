@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 GiB = 1024**3
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64  # 4-bit codes plus double-quantized absmax per 64-value block
+# 4-bit codes plus an fp32 absmax per 64-value block: the trainer expands double-quantized
+# scales at load (kubetune_trainer.modeling.expand_nested_absmax), so both settings cost the same.
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
 BF16 = 2
 TRAINABLE_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
 LOGIT_BYTES_PER_ENTRY = 2 + 4 + 4 + 2  # bf16 logits, fp32 upcast and its gradient, the bf16 gradient
