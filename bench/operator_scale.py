@@ -43,6 +43,7 @@ def _ftj(i: int) -> dict:
 async def main(n: int, out: Path | None) -> None:
     async with ApiServer() as api, kmock.Server(api) as server:
         api.request_log_limit = 32
+        api.history_limit = 4
         url = str(server.url).rstrip("/")
         for kind in (FineTuneJob, LoraAdapter):
             api.serve_crd(build_crd(kind))

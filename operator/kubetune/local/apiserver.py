@@ -51,11 +51,14 @@ def _group_version(resource) -> str:
 class ApiServer(KubernetesEmulator):
     """Use as kmock's handler: `async with ApiServer() as api, kmock.Server(api): ...`.
 
-    kmock keeps every request for assertions and matches each new one against that log; a
-    long-running stack keeps only the most recent `request_log_limit` so a request costs the same
-    after an hour as after a second (tests leave it unlimited to assert on what was sent)."""
+    kmock keeps every request and every version of every object for assertions, and matches each
+    new request against that log; a long-running stack keeps only the most recent
+    `request_log_limit` requests and `history_limit` versions of each object, so that a request
+    costs the same and memory stays flat after a day of status patches (tests leave both unlimited
+    to assert on what was sent)."""
 
     request_log_limit: int | None = None
+    history_limit: int | None = None
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -155,7 +158,13 @@ class ApiServer(KubernetesEmulator):
                     self.serve_crd(data)
             elif action == "UPDATE" and request.name is not None:
                 self._prepare_update(request, data, plural)
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        key = (request.resource, request.namespace, request.name)
+        if self.history_limit and request.name is not None and request.resource is not None and key in self.objects:
+            history = self.objects[key].history
+            if len(history) > self.history_limit:
+                del history[:-self.history_limit]
+        return response
 
     def _prepare_update(self, request, data: dict, plural: str) -> None:
         key = (request.resource, request.namespace, request.name)

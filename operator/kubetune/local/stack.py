@@ -57,6 +57,7 @@ class LocalStack:
         self.state.mkdir(parents=True, exist_ok=True)
         self.api = await self._exit.enter_async_context(ApiServer())
         self.api.request_log_limit = 32
+        self.api.history_limit = 4
         server = await self._exit.enter_async_context(kmock.Server(self.api, port=self.api_port or None))
         self.url = str(server.url).rstrip("/")
         write_kubeconfig(self.kubeconfig, self.url)
