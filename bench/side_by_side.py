@@ -44,11 +44,12 @@ CASES = {
 
 
 def _build_model_dirs() -> None:
-    """Random-init model directories, built in a process of their own: a case that built one on the
-    GPU itself kept ~15 GiB of it and ran out of memory on a plan that fits (H200, 7B, micro-batch 8).
-    The anchor script's own copies of the same shapes point at ours."""
-    code = "from archs import build_model_dir\nfor a in ('qwen2.5-7b', 'qwen2.5-1.5b', 'qwen2.5-0.5b'): build_model_dir(a)"
-    subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True)
+    """The anchor script's own copies of the same shapes point at ours."""
+    sys.path.insert(0, str(HERE))
+    from archs import build_model_dir
+
+    for arch in ("qwen2.5-7b", "qwen2.5-1.5b", "qwen2.5-0.5b"):
+        build_model_dir(arch)
     for arch in ("qwen2.5-7b", "qwen2.5-1.5b"):
         ours, theirs = Path("/tmp/bench-models") / arch, Path(f"/tmp/anchor-{arch}")
         if ours.exists() and not theirs.exists():
