@@ -280,9 +280,13 @@ class ApiServer(KubernetesEmulator):
         async def send(event: dict) -> None:
             await response.write(json.dumps(event).encode() + b"\n")
 
-        following = drop = None
+        following = drop = mark = None
+        bus = self._buses[request.resource]
         try:
+            # The follow position is taken with the snapshot, under the lock writers publish under:
+            # an object created while the initial events are being sent is in one or the other.
             async with self._lock:
+                mark = await bus.mark()
                 initial = self._matching(request)
             for obj in initial:
                 await send({"type": "ADDED", "object": obj})
@@ -292,7 +296,7 @@ class ApiServer(KubernetesEmulator):
                     "kind": info.kind, "apiVersion": _group_version(request.resource),
                     "metadata": {"resourceVersion": str(self.revision),
                                  "annotations": {"k8s.io/initial-events-end": "true"}}}})
-            events = aiter(self._buses[request.resource])
+            events = aiter(bus.stream(since=mark))
             while True:
                 following = asyncio.ensure_future(anext(events))
                 drop = asyncio.ensure_future(dropped.wait())
@@ -316,6 +320,8 @@ class ApiServer(KubernetesEmulator):
             for waiting in (following, drop):
                 if waiting is not None:
                     waiting.cancel()
+            if mark is not None:
+                await bus.unmark(mark)
         return response
 
     # -- OpenAPI v3 ---------------------------------------------------------------------------------
