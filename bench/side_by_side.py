@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from archs import build_model_dir  # noqa: E402
+
 BENCH = [sys.executable, str(HERE / "trainer_bench.py"), "--batch", "16", "--steps", "14", "--warmup", "4"]
 ANCHOR = [sys.executable, str(HERE / "baseline" / "qlora_anchor.py"), "--steps", "14", "--warmup", "4"]
 PARITY = [sys.executable, str(HERE / "loss_parity.py"), "--steps", "200"]
@@ -44,10 +47,8 @@ CASES = {
 
 
 def _build_model_dirs() -> None:
-    """The anchor script's own copies of the same shapes point at ours."""
-    sys.path.insert(0, str(HERE))
-    from archs import build_model_dir
-
+    """Every random-init model directory the cases use, built before the first case runs; the
+    anchor script's own copies of the same shapes point at ours."""
     for arch in ("qwen2.5-7b", "qwen2.5-1.5b", "qwen2.5-0.5b"):
         build_model_dir(arch)
     for arch in ("qwen2.5-7b", "qwen2.5-1.5b"):

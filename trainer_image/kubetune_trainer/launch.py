@@ -42,7 +42,8 @@ def group_exit_code(codes: set[int]) -> int:
             return decisive
     if failed == {EXIT_PREEMPTED}:
         return EXIT_PREEMPTED
-    return min(c for c in failed if c > 0) if any(c > 0 for c in failed) else EXIT_FAILED
+    exited = [c for c in failed if c > 0]  # the others were killed by signals
+    return min(exited) if exited else EXIT_FAILED
 
 
 def launch(resources: Resources, spec_path: Path) -> int:
