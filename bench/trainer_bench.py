@@ -139,8 +139,11 @@ def main() -> None:
     placement = Placement.detect()
     plan = plan_batches(spec, Path(path), on_gpu=True, world_size=ranks.world_size)
     torch.cuda.reset_peak_memory_stats()
-    model = attach_lora(load_base(Path(path), spec, placement, gradient_checkpointing=plan.gradient_checkpointing),
-                        spec)
+    model = attach_lora(load_base(Path(path), spec, placement, gradient_checkpointing=plan.gradient_checkpointing,
+                                  sharded=plan.sharded), spec)
+    # Every process loads the whole 4-bit model before FSDP shards it: the load has its own peak.
+    load_peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
     trainer, loop = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/bench-work"),
                                   pad_id=tokenizer.pad_token_id,
                                   callback_kwargs=loop_without_side_effects(ranks))
@@ -160,18 +163,19 @@ def main() -> None:
         return
     print(json.dumps({
         "case": "kubetune", "arch": a.arch, "targets": a.targets, "gpus": ranks.world_size,
-        "micro": plan.micro_batch_size,
+        "micro": plan.micro_batch_size, "sharded": plan.sharded,
         "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
         "gpu_memory_gib": a.gpu_memory_gib, "attention": model.config._attn_implementation,
         "fused_kernels": fused_kernels_available(model.config.model_type),
         "steps_timed": timer.steps, "tokens": tokens, "seconds": round(timer.seconds, 2),
         "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "load_peak_gib": round(load_peak, 2),
         "planned_gib": round(plan.estimate.total_gib, 2) if plan.estimate else None,
         "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12 / ranks.world_size, 4),
         "wall_s": round(time.perf_counter() - t, 1),
         "gpu": torch.cuda.get_device_name(0),
-        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "peft", "bitsandbytes",
-                                                                "liger-kernel")},
+        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "accelerate", "peft",
+                                                                "bitsandbytes", "liger-kernel")},
     }), flush=True)
 
 

@@ -139,6 +139,39 @@ def test_a_fixed_micro_batch_is_kept_or_refused():
         plan_run(spec(training={"microBatchSize": 16, "gradientCheckpointing": "off"}), QWEN_7B, 80)
 
 
+def test_sharding_only_where_a_copy_per_gpu_does_not_fit():
+    s = spec(method="lora", resources={"gpus": 2})  # bf16 7B: 14 GiB of weights
+    roomy = plan_run(s, QWEN_7B, 80)
+    assert not roomy.sharded and "FSDP" not in roomy.summary()
+    tight = plan_run(s, QWEN_7B, 16)
+    assert _gib(QWEN_7B, s) > 16 * 0.92  # one GPU could not hold it (test_refusal_says_by_how_much_...)
+    assert tight.sharded and tight.estimate.total_gib <= 16 * 0.92
+    assert "sharded over 2 GPUs (FSDP)" in tight.summary()
+    assert tight.effective_batch == s.training.batch_size
+
+
+def test_sharding_divides_the_base_but_not_its_scales_or_embeddings():
+    def weights(shards, quantized=True):
+        return estimate_memory(QWEN_7B, quantized=quantized, lora_r=16, lora_targets=ATTN, micro_batch=1,
+                               seq_len=2048, checkpointing=True, fused_kernels=True, shards=shards).weights
+    embeddings = QWEN_7B.embedding_params * 2
+    scales = QWEN_7B.linear_params * 4 / 64
+    assert weights(1) == pytest.approx(QWEN_7B.linear_params * 0.5 + scales + embeddings)
+    per_layer = QWEN_7B.linear_params / QWEN_7B.layers * 0.5
+    assert weights(4) == pytest.approx(QWEN_7B.linear_params * 0.5 / 4 + 2 * per_layer + scales + embeddings)
+    assert weights(8, quantized=False) < weights(2, quantized=False) < weights(1, quantized=False)
+
+
+def test_a_refusal_on_one_gpu_names_how_many_would_share_the_model():
+    s = spec(method="lora", resources={"gpus": 1})
+    with pytest.raises(DoesNotFit, match=r"use (\d+) GPUs \(resources.gpus x resources.nodes\)") as refused:
+        plan_run(s, QWEN_7B, 12)
+    gpus = int(re.search(r"use (\d+) GPUs", str(refused.value)).group(1))
+    plan_run(spec(method="lora", resources={"gpus": gpus}), QWEN_7B, 12)  # fits, sharded
+    with pytest.raises(DoesNotFit):
+        plan_run(spec(method="lora", resources={"gpus": gpus - 1}), QWEN_7B, 12)
+
+
 def test_without_a_shape_or_a_gpu_the_defaults_apply():
     assert plan_run(spec(), None, 80).micro_batch_size == 8
     cpu = plan_run(spec(method="lora", resources={"gpus": 0}, storage=None,
@@ -159,6 +192,7 @@ def test_plans_fit_and_keep_the_effective_batch(batch, gpus, nodes, seq, memory)
     world = gpus * nodes
     assert plan.world_size == world
     assert plan.estimate.total_gib <= memory * 0.92
+    assert plan.sharded == (_gib(QWEN_7B, s) > memory * 0.92)  # not even micro-batch 1, checkpointed, fits a copy
     assert batch <= plan.effective_batch < batch + world * plan.micro_batch_size
     if batch % world == 0:
         assert plan.effective_batch == batch

@@ -99,6 +99,9 @@ def test_kill_and_preemption_resume_to_the_same_result(tmp_path, smollm2_dir, s3
         torch.testing.assert_close(weights[key], ref_weights[key], rtol=1e-4, atol=1e-5, msg=key)
     assert manifest.metadata["metrics"]["final"]["evalLoss"] == pytest.approx(
         ref_manifest.metadata["metrics"]["final"]["evalLoss"], abs=1e-4)
+    # Over all 12 steps, not only the last attempt's.
+    assert manifest.metadata["metrics"]["train"]["trainLoss"] == pytest.approx(
+        ref_manifest.metadata["metrics"]["train"]["trainLoss"], rel=1e-3)
 
 
 def test_incomplete_checkpoint_is_never_resumed_from(tmp_path):

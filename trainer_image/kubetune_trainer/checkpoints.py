@@ -13,6 +13,8 @@ from pathlib import Path
 
 from kubetune.storage.location import Location, ObjectMissing
 from kubetune.storage.manifest import Manifest, describe_dir, publish, read_manifest
+from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.sharding import FSDP_OPTIMIZER_STATE
 
 log = logging.getLogger(__name__)
 CHECKPOINT_MANIFEST = "checkpoint.json"
@@ -65,3 +67,17 @@ class CheckpointStore:
             except (ObjectMissing, ValueError) as exc:
                 log.warning("checkpoint %s unusable (%s); trying an older one", name, exc)
         return None
+
+
+def check_resumable(local_dir: Path, *, sharded: bool) -> None:
+    """A checkpoint resumes at any GPU count, but only in the mode that wrote it: FSDP keys its
+    optimizer state by parameter name, DDP by position, and transformers loads each one only in its
+    own mode. The planner picks the mode from the memory per GPU, so a change of GPU type can switch it."""
+    written_sharded = (local_dir / FSDP_OPTIMIZER_STATE).exists()
+    if written_sharded != sharded:
+        def mode(s: bool) -> str:
+            return "sharded (FSDP)" if s else "unsharded (one copy of the model per GPU)"
+        raise ConfigError(
+            f"{local_dir.name} was written by a {mode(written_sharded)} run but this run is planned "
+            f"{mode(sharded)}; resume it on GPUs like the ones that wrote it (resources.gpus, "
+            f"resources.gpuMemoryGiB), or delete the checkpoints to start over")

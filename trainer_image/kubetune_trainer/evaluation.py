@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from kubetune_trainer.data import Example
 from kubetune_trainer.packing import RowCollator, unpacked
@@ -61,22 +63,28 @@ def generation_metrics(model, tokenizer, examples: list[Example], *, max_samples
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     exact = valid = json_equal = json_refs = 0
+    # Sharded (FSDP), the root unit (embeddings, LM head) is gathered for the whole generation, the
+    # layers gather themselves in each forward, and every rank keeps stepping until all have finished.
+    sharded = isinstance(model, FullyShardedDataParallel)
+    gathered = (FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=False) if sharded
+                else contextlib.nullcontext())
     try:
-        for start in range(0, len(chosen), batch_size):
-            batch = chosen[start:start + batch_size]
-            enc = tokenizer([e.prompt_text for e in batch], add_special_tokens=False, return_tensors="pt",
-                            padding=True).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for example, answer in zip(batch, answers):
-                answer, reference = answer.strip(), _clean(tokenizer, example.reference)
-                exact += answer == reference
-                parsed, expected = _json_or_none(answer), _json_or_none(reference)
-                valid += parsed is not None
-                if expected is not None:
-                    json_refs += 1
-                    json_equal += parsed == expected
+        with gathered:
+            for start in range(0, len(chosen), batch_size):
+                batch = chosen[start:start + batch_size]
+                enc = tokenizer([e.prompt_text for e in batch], add_special_tokens=False, return_tensors="pt",
+                                padding=True).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=sharded)
+                answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for example, answer in zip(batch, answers):
+                    answer, reference = answer.strip(), _clean(tokenizer, example.reference)
+                    exact += answer == reference
+                    parsed, expected = _json_or_none(answer), _json_or_none(reference)
+                    valid += parsed is not None
+                    if expected is not None:
+                        json_refs += 1
+                        json_equal += parsed == expected
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -38,7 +38,10 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradient_checkpointing: bool):
+def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradient_checkpointing: bool,
+              sharded: bool = False):
+    """sharded: FSDP will shard the model. Every process still loads the whole (4-bit) model onto
+    its GPU first, as transformers does for quantized models; FSDP then keeps 1/world of it."""
     quant = spec.effective_quantization()
     on_gpu = placement.device == "cuda"
     kwargs = {"dtype": placement.dtype,
@@ -51,7 +54,10 @@ def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradie
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quant.bits == 4, load_in_8bit=quant.bits == 8, bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype))
+            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
+            # FSDP shards floating-point tensors only, and flattens each layer into one tensor of a
+            # single dtype: the packed 4-bit codes are stored as the rest of the layer is.
+            bnb_4bit_quant_storage=placement.dtype if sharded else torch.uint8)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quant is None:

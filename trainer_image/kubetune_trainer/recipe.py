@@ -29,7 +29,7 @@ from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import Location, open_location
 from kubetune.storage.manifest import MANIFEST, Manifest, describe_dir, publish
 from kubetune_trainer import distributed
-from kubetune_trainer.checkpoints import CheckpointStore
+from kubetune_trainer.checkpoints import CheckpointStore, check_resumable
 from kubetune_trainer.data import PreparedData, prepare
 from kubetune_trainer.evaluation import generation_metrics, holdout_loss
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer, merge_adapter
@@ -37,7 +37,8 @@ from kubetune_trainer.packing import pack, unpacked
 from kubetune_trainer.progress import FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
 from kubetune_trainer.runspec import RunSpec
 from kubetune_trainer.sources import ModelSource, resolve_dataset, resolve_model
-from kubetune_trainer.training import PreemptionFlag, build_trainer, peak_memory_gib, plan_batches, reset_peak_memory
+from kubetune_trainer.training import (PreemptionFlag, build_trainer, mean_train_loss, peak_memory_gib, plan_batches,
+                                       reset_peak_memory)
 
 log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "kubetune")
@@ -91,11 +92,13 @@ class FineTuneRecipe:
         return distributed.from_main(self.ranks, sources)
 
     def _setup_model(self, source: ModelSource, placement: Placement, plan: RunPlan):
-        model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing)
+        model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing,
+                          sharded=plan.sharded)
         return attach_lora(model, self.spec)
 
-    def _evaluate(self, model, tokenizer, data: PreparedData, *, generate: bool) -> dict:
-        if not self.ranks.is_main:
+    def _evaluate(self, model, tokenizer, data: PreparedData, *, generate: bool, everywhere: bool = False) -> dict:
+        """everywhere: the model is sharded, so every rank takes part (rank 0 alone otherwise)."""
+        if not (self.ranks.is_main or everywhere):
             return {}
         metrics = holdout_loss(model, data.validation, tokenizer.pad_token_id)
         if generate and self.spec.evaluation.exact_match:
@@ -131,45 +134,57 @@ class FineTuneRecipe:
         resume = store.pull_latest(self.work / "checkpoints") if self.ranks.is_local_main else None
         resume = distributed.from_main(self.ranks, resume)
         if resume:
+            check_resumable(resume[0], sharded=plan.sharded)
             log.info("resuming from %s", resume[1])
+        # The Trainer's model: under FSDP the wrapper (set once training starts) that gathers each layer.
         trainer, loop = build_trainer(
             model, self.spec, rows, plan=plan, work_dir=self.work, pad_id=tokenizer.pad_token_id,
             callback_kwargs={"reporter": self.reporter, "store": store, "preemption": self.preemption,
-                             "evaluate": lambda: holdout_loss(model, data.validation, tokenizer.pad_token_id),
+                             "evaluate": lambda: holdout_loss(trainer.model, data.validation, tokenizer.pad_token_id),
                              "ranks": self.ranks})
         loop.last_checkpoint = resume[1] if resume else None
         self.preemption.install()
         reset_peak_memory()
-        result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
         if loop.stopped_for_preemption:
             return RunResult(preempted=True)
-        if not self.ranks.is_main:
-            return RunResult(preempted=False)  # rank 0 evaluates and publishes
 
         self.reporter.report(ProgressReport("evaluating", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss), force=True)
-        final = self._evaluate(model, tokenizer, data, generate=True)
-        train_metrics = {"steps": trainer.state.global_step, "trainLoss": round(result.training_loss, 6),
+        final = self._evaluate(trainer.model, tokenizer, data, generate=True, everywhere=plan.sharded)
+        final_dir = self.work / "final"
+        self._save_adapter(trainer, tokenizer, final_dir / "adapter", sharded=plan.sharded)
+        if not self.ranks.is_main:
+            return RunResult(preempted=False)  # rank 0 publishes
+        train_metrics = {"steps": trainer.state.global_step, "trainLoss": round(mean_train_loss(trainer.state), 6),
                          "tokensPerSecond": loop.tokens_per_second, "peakGpuMemoryGiB": peak_memory_gib(),
                          "microBatchSize": plan.micro_batch_size,
                          "gradientAccumulationSteps": plan.gradient_accumulation_steps,
-                         "gradientCheckpointing": plan.gradient_checkpointing, "rows": len(rows)}
+                         "gradientCheckpointing": plan.gradient_checkpointing, "sharded": plan.sharded,
+                         "rows": len(rows)}
         self.reporter.report(ProgressReport("publishing", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss")), force=True)
-        published = self._publish(output, model, tokenizer, source, data, placement,
+        published = self._publish(output, final_dir, tokenizer, source, data, placement,
                                   {"baseline": baseline, "final": final, "train": train_metrics})
         self.reporter.report(ProgressReport("done", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss"),
                                             lastCheckpoint=loop.last_checkpoint), force=True)
         return published
 
-    def _publish(self, output: Location, model, tokenizer, source: ModelSource, data: PreparedData,
+    def _save_adapter(self, trainer, tokenizer, adapter_dir: Path, *, sharded: bool) -> None:
+        """Rank 0 writes; sharded, every rank first hands over its part of the adapter."""
+        if self.ranks.is_main:
+            shutil.rmtree(adapter_dir.parent, ignore_errors=True)
+        if sharded:
+            trainer.save_model(str(adapter_dir))
+        elif self.ranks.is_main:
+            trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+        if self.ranks.is_main:
+            tokenizer.save_pretrained(adapter_dir)
+
+    def _publish(self, output: Location, final_dir: Path, tokenizer, source: ModelSource, data: PreparedData,
                  placement: Placement, metrics: dict) -> RunResult:
-        final_dir = self.work / "final"
-        shutil.rmtree(final_dir, ignore_errors=True)
         adapter_dir = final_dir / "adapter"
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
         if self.spec.output.merge:
             merge_adapter(source.path, adapter_dir, final_dir / "merged", placement.dtype, tokenizer)
         manifest = Manifest("RunManifest", describe_dir(final_dir), {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.planning import DoesNotFit, ModelShape, RunPlan, plan_run
@@ -23,6 +23,7 @@ from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels import fused_kernels_available
 from kubetune_trainer.packing import Row, RowCollator
 from kubetune_trainer.progress import ProgressReport, ProgressReporter
+from kubetune_trainer.sharding import FSDP_CONFIG, FSDP_MODEL_STATE, ShardedLoraTrainer
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,10 @@ def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool, world_siz
 
 class LoopCallback(TrainerCallback):
     def __init__(self, *, reporter: ProgressReporter, store: CheckpointStore, counter: CountingCollator,
-                 preemption: PreemptionFlag, evaluate, ranks: distributed.Ranks = distributed.Ranks()):
+                 preemption: PreemptionFlag, evaluate, ranks: distributed.Ranks = distributed.Ranks(),
+                 sharded: bool = False):
         self.reporter, self.store, self.counter, self.preemption = reporter, store, counter, preemption
-        self.evaluate, self.ranks = evaluate, ranks
+        self.evaluate, self.ranks, self.sharded = evaluate, ranks, sharded
         self.stopped_for_preemption = False
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
@@ -129,11 +131,15 @@ class LoopCallback(TrainerCallback):
         self._report(state)
 
     def on_save(self, args, state, control, **kw):
+        # After SIGTERM the grace period is for the upload. Sharded, every rank holds part of each
+        # layer, so all of them run the evaluation's forward passes.
+        if not self.stopped_for_preemption and (self.ranks.is_main or self.sharded):
+            self.eval_loss = self.evaluate().get("evalLoss")
         if not self.ranks.is_main:
             return  # rank 0's checkpoint holds the adapter, optimizer and schedule of the whole group
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not self.stopped_for_preemption:  # after SIGTERM the grace period is for the upload
-            self.eval_loss = self.evaluate().get("evalLoss")
+        if self.sharded:
+            (local / FSDP_MODEL_STATE).unlink()  # the adapter file holds the trained weights
         self.last_checkpoint = self.store.push(local, state.global_step)
         log.info("checkpoint %s (step %d, eval loss %s)", self.last_checkpoint, state.global_step, self.eval_loss)
         self._report(state, force=True)
@@ -172,11 +178,22 @@ def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: RunPla
         remove_unused_columns=False,
         disable_tqdm=True,
         use_cpu=not on_gpu,
+        **({"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if plan.sharded else {}),
     )
     counter = CountingCollator(RowCollator(pad_id))
-    callback = LoopCallback(counter=counter, **callback_kwargs)
-    trainer = Trainer(model=model, args=args, train_dataset=Rows(rows), data_collator=counter, callbacks=[callback])
+    callback = LoopCallback(counter=counter, sharded=plan.sharded, **callback_kwargs)
+    trainer_class = ShardedLoraTrainer if plan.sharded else Trainer
+    trainer = trainer_class(model=model, args=args, train_dataset=Rows(rows), data_collator=counter,
+                            callbacks=[callback])
     return trainer, callback
+
+
+def mean_train_loss(state: TrainerState) -> float:
+    """The training loss over every step of the run. The Trainer's own figure after a resume sums
+    only this attempt's steps yet divides by all of them; the step log, restored from the
+    checkpoint, covers each step once (logging_steps=1)."""
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return sum(losses) / len(losses)
 
 
 def reset_peak_memory() -> None:

@@ -18,7 +18,10 @@ from typing import Any, Mapping
 GiB = 1024**3
 # 4-bit codes plus an fp32 absmax per 64-value block: the trainer expands double-quantized
 # scales at load (kubetune_trainer.modeling.expand_nested_absmax), so both settings cost the same.
-NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
+NF4_CODE_BYTES = 0.5
+NF4_SCALE_BYTES = 4 / 64
+# FSDP gathers the layer it computes and prefetches the next one.
+GATHERED_LAYERS = 2
 BF16 = 2
 TRAINABLE_BYTES_PER_PARAM = 16  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
 LOGIT_BYTES_PER_ENTRY = 2 + 4 + 4 + 2  # bf16 logits, fp32 upcast and its gradient, the bf16 gradient
@@ -109,11 +112,25 @@ def _activation_bytes_per_token_layer(shape: ModelShape, lora_targets: list[str]
     return BF16 * saved + (0 if fused else 4 * 2 * h)  # unfused RMSNorm keeps fp32 inputs
 
 
+def _weight_bytes(shape: ModelShape, quantized: bool, shards: int) -> float:
+    """The frozen base on one GPU. Sharded (FSDP), each GPU keeps 1/shards of the decoder layers'
+    weights plus the layers being gathered; the 4-bit scales live outside the parameters FSDP
+    shards (bitsandbytes keeps them beside the weight), and the root unit (embeddings, LM head)
+    stays gathered from forward to the end of backward."""
+    code = NF4_CODE_BYTES if quantized else BF16
+    scales = NF4_SCALE_BYTES if quantized else 0
+    linear = shape.linear_params * (code / shards + scales)
+    if shards > 1:
+        linear += min(GATHERED_LAYERS, shape.layers) * shape.linear_params / shape.layers * code
+    return linear + shape.embedding_params * BF16
+
+
 def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_targets: list[str],
-                    micro_batch: int, seq_len: int, checkpointing: bool, fused_kernels: bool) -> MemoryEstimate:
-    weights = (shape.linear_params * (NF4_BYTES_PER_PARAM if quantized else BF16)
-               + shape.embedding_params * BF16)
-    trainable = lora_parameters(shape, lora_r, lora_targets) * TRAINABLE_BYTES_PER_PARAM
+                    micro_batch: int, seq_len: int, checkpointing: bool, fused_kernels: bool,
+                    shards: int = 1) -> MemoryEstimate:
+    """shards: the GPUs that share the base weights and the LoRA state (FSDP); 1 replicates them (DDP)."""
+    weights = _weight_bytes(shape, quantized, shards)
+    trainable = lora_parameters(shape, lora_r, lora_targets) * TRAINABLE_BYTES_PER_PARAM / shards
     tokens = micro_batch * seq_len
     per_layer = _activation_bytes_per_token_layer(shape, lora_targets, fused_kernels) * tokens
     if checkpointing:
