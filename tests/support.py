@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import inspect
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,17 @@ def minimal_job(**spec: Any) -> dict[str, Any]:
         },
     }
     return patched(base, {"spec": spec})
+
+
+async def eventually(predicate, timeout: float = 10, what: str = "", interval: float = 0.1):
+    """The first truthy value of predicate() (awaited when it returns an awaitable), polled until
+    timeout seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what or predicate}")

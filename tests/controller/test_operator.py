@@ -21,7 +21,7 @@ import yaml
 import kubetune.controller.handlers  # noqa: F401  (registers the handlers)
 from kubetune.contract import PROGRESS_ANNOTATION
 from kubetune.local.apiserver import ApiServer
-from tests.support import minimal_job, patched
+from tests.support import eventually, minimal_job, patched
 
 pytestmark = pytest.mark.kmock(cls=ApiServer)
 NS = "team-a"
@@ -62,16 +62,6 @@ async def running_operator():
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
-
-
-async def wait_for(predicate, timeout: float = 10, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 def _matches(key_resource, resource: str) -> bool:
@@ -134,16 +124,16 @@ async def test_create_builds_one_job_and_reports_pending(cluster):
     async with running_operator():
         start = time.monotonic()
         await apply(cluster, job_doc())
-        job = await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        job = await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         elapsed = time.monotonic() - start
-        await wait_for(lambda: status(cluster).get("phase") == "Pending", what="Pending")
+        await eventually(lambda: status(cluster).get("phase") == "Pending", what="Pending")
         assert obj(cluster, "v1/configmaps", "job-spec")
         ftj = obj(cluster, FTJ, "job")
         assert job["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
         assert condition(cluster, "Validated")["status"] == "True"
         assert condition(cluster, "Validated")["observedGeneration"] == 1
         assert "kubetune.dev/cleanup" in ftj["metadata"]["finalizers"]
-        events = await wait_for(lambda: [o for k, o in _events(cluster) if o.get("reason") == "JobCreated"],
+        events = await eventually(lambda: [o for k, o in _events(cluster) if o.get("reason") == "JobCreated"],
                                 what="JobCreated event")
         assert events[0]["involvedObject"]["name"] == "job"
     print(f"apply -> Job created: {elapsed:.3f}s")
@@ -156,12 +146,12 @@ def _events(kmock):
 async def test_invalid_spec_fails_with_message_and_creates_nothing(cluster):
     async with running_operator():
         await apply(cluster, job_doc(lora={"r": 0}, dataset={"uri": "pvc://data/../etc/passwd"}))
-        await wait_for(lambda: status(cluster).get("phase") == "Failed", what="Failed")
+        await eventually(lambda: status(cluster).get("phase") == "Failed", what="Failed")
         message = condition(cluster, "Validated")["message"]
         assert message == ("spec.dataset.uri: URI must not contain '.' or '..' path segments; "
                            "spec.lora.r: input should be greater than or equal to 1")
         assert condition(cluster, "Failed")["status"] == "True"
-        await wait_for(lambda: any(o.get("reason") == "InvalidSpec" and o.get("type") == "Warning"
+        await eventually(lambda: any(o.get("reason") == "InvalidSpec" and o.get("type") == "Warning"
                                    for _, o in _events(cluster)), what="Warning event")
     assert obj(cluster, "batch/v1/jobs", "job-train") is None
     assert obj(cluster, "v1/configmaps", "job-spec") is None
@@ -170,22 +160,22 @@ async def test_invalid_spec_fails_with_message_and_creates_nothing(cluster):
 async def test_progress_completion_and_adapter(cluster):
     async with running_operator():
         await apply(cluster, job_doc(output={"uri": "pvc://runs/out", "adapterName": "invoices"}))
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         await pod(cluster, "job-train-a", "Running", progress={"step": 30, "totalSteps": 120, "loss": 0.8,
                                                                "tokensPerSecond": 5000.0, "etaSeconds": 90})
-        await wait_for(lambda: status(cluster).get("phase") == "Running", what="Running")
-        progress = await wait_for(lambda: status(cluster).get("progress"), what="progress")
+        await eventually(lambda: status(cluster).get("phase") == "Running", what="Running")
+        progress = await eventually(lambda: status(cluster).get("progress"), what="progress")
         assert (progress["step"], progress["percent"], progress["loss"]) == (30, 25, 0.8)
         assert status(cluster)["startTime"] and condition(cluster, "Running")["status"] == "True"
         manifest = {"manifest": "pvc://runs/out/job-x/manifest.json", "manifestSha256": "a" * 64}
         await pod(cluster, "job-train-a", "Succeeded", exit_code=0, message=manifest,
                   progress={"step": 120, "totalSteps": 120, "loss": 0.2, "phase": "done"})
         await job_status(cluster, Complete="True")
-        await wait_for(lambda: status(cluster).get("phase") == "Succeeded", what="Succeeded")
-        adapter = await wait_for(lambda: obj(cluster, ADAPTERS, "invoices"), what="LoraAdapter")
+        await eventually(lambda: status(cluster).get("phase") == "Succeeded", what="Succeeded")
+        adapter = await eventually(lambda: obj(cluster, ADAPTERS, "invoices"), what="LoraAdapter")
         assert adapter["spec"]["artifact"]["manifestSha256"] == "a" * 64
         assert adapter["metadata"]["labels"]["kubetune.dev/finetunejob"] == "job"
-        await wait_for(lambda: status(cluster).get("adapterRef", {}).get("name") == "invoices", what="adapterRef")
+        await eventually(lambda: status(cluster).get("adapterRef", {}).get("name") == "invoices", what="adapterRef")
         assert condition(cluster, "Complete")["status"] == "True"
         assert status(cluster)["completionTime"] and status(cluster)["progress"]["percent"] == 100
 
@@ -193,22 +183,22 @@ async def test_progress_completion_and_adapter(cluster):
 async def test_failure_retry_preemption_and_oom(cluster):
     async with running_operator():
         await apply(cluster, job_doc())
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         await pod(cluster, "p1", "Failed", exit_code=75, message={"preempted": True})
         await pod(cluster, "p2", "Running")
-        await wait_for(lambda: status(cluster).get("preemptions") == 1 and status(cluster).get("phase") == "Running",
+        await eventually(lambda: status(cluster).get("preemptions") == 1 and status(cluster).get("phase") == "Running",
                        what="preemption counted")
         assert status(cluster)["failures"] == 0 and status(cluster)["message"] == "resumed after 1 preemption(s)"
         await pod(cluster, "p2", "Failed", exit_code=1,
                   message={"error": {"reason": "StorageUnavailable", "message": "object store unavailable for 120s"}})
         await pod(cluster, "p3", "Running")
-        await wait_for(lambda: status(cluster).get("failures") == 1 and status(cluster).get("attempts") == 3,
+        await eventually(lambda: status(cluster).get("failures") == 1 and status(cluster).get("attempts") == 3,
                        what="failure counted")
         assert status(cluster)["message"] == "retrying after 1 failure(s): object store unavailable for 120s"
         assert status(cluster)["attempts"] == 3
         await pod(cluster, "p3", "Failed", exit_code=137, reason="OOMKilled")
         await job_status(cluster, Failed="True")
-        await wait_for(lambda: status(cluster).get("phase") == "Failed", what="Failed")
+        await eventually(lambda: status(cluster).get("phase") == "Failed", what="Failed")
         assert condition(cluster, "Failed")["reason"] == "OOMKilled"
         assert "lower training.maxSeqLength" in status(cluster)["message"]
 
@@ -216,26 +206,26 @@ async def test_failure_retry_preemption_and_oom(cluster):
 async def test_suspend_and_resume(cluster):
     async with running_operator():
         await apply(cluster, job_doc())
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job"
         await cluster.patch(path, json={"spec": {"suspend": True}})
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train")["spec"]["suspend"] is True, what="suspend")
-        await wait_for(lambda: status(cluster).get("phase") == "Suspended", what="Suspended")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train")["spec"]["suspend"] is True, what="suspend")
+        await eventually(lambda: status(cluster).get("phase") == "Suspended", what="Suspended")
         assert obj(cluster, FTJ, "job")["metadata"]["generation"] == 2
         await cluster.patch(path, json={"spec": {"suspend": False}})
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train")["spec"]["suspend"] is False, what="resume")
-        await wait_for(lambda: status(cluster).get("phase") == "Pending", what="Pending again")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train")["spec"]["suspend"] is False, what="resume")
+        await eventually(lambda: status(cluster).get("phase") == "Pending", what="Pending again")
 
 
 async def test_training_fields_cannot_change_after_start(cluster):
     async with running_operator():
         await apply(cluster, job_doc())
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         await pod(cluster, "p1", "Running")
-        await wait_for(lambda: status(cluster).get("startTime"), what="started")
+        await eventually(lambda: status(cluster).get("startTime"), what="started")
         path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job"
         await cluster.patch(path, json={"spec": {"lora": {"r": 64}}})
-        await wait_for(lambda: condition(cluster, "Validated").get("reason") == "ImmutableFieldChanged",
+        await eventually(lambda: condition(cluster, "Validated").get("reason") == "ImmutableFieldChanged",
                        what="refused change")
         assert condition(cluster, "Validated")["message"].startswith("spec.lora cannot change once the job has started")
         spec = json.loads(obj(cluster, "v1/configmaps", "job-spec")["data"]["runspec.json"])["spec"]
@@ -246,10 +236,10 @@ async def test_training_fields_cannot_change_after_start(cluster):
 async def test_restart_in_every_phase_adopts_and_never_duplicates(cluster, phase):
     async with running_operator():
         await apply(cluster, job_doc())
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         if phase != "Pending":
             await pod(cluster, "p1", "Running")
-            await wait_for(lambda: status(cluster).get("phase") == "Running", what="Running")
+            await eventually(lambda: status(cluster).get("phase") == "Running", what="Running")
         if phase == "Suspended":
             await cluster.patch(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job",
                                 json={"spec": {"suspend": True}})
@@ -261,13 +251,13 @@ async def test_restart_in_every_phase_adopts_and_never_duplicates(cluster, phase
             await pod(cluster, "p1", "Failed", exit_code=65, message={"error": {"reason": "InvalidDataset",
                                                                               "message": "line 3: not JSON"}})
             await job_status(cluster, Failed="True")
-        await wait_for(lambda: status(cluster).get("phase") == phase, what=phase)
+        await eventually(lambda: status(cluster).get("phase") == phase, what=phase)
     # A new operator starts and resumes the FineTuneJob: it reads the Job that exists and adopts it.
     mark = len(list(cluster))
     async with running_operator():
-        await wait_for(lambda: any(r.method.name == "GET" and r.name == "job-train"
+        await eventually(lambda: any(r.method.name == "GET" and r.name == "job-train"
                                    for r in list(cluster)[mark:]), what="the resumed reconcile")
-        await wait_for(lambda: any(r.method.name == "PATCH" and r.subresource == "status"
+        await eventually(lambda: any(r.method.name == "PATCH" and r.subresource == "status"
                                    for r in list(cluster)[mark:]), what="status recorded again")
         assert status(cluster)["phase"] == phase
     creates = [r for r in cluster if r.method.name == "POST" and r.resource is not None
@@ -282,10 +272,10 @@ async def test_restart_in_every_phase_adopts_and_never_duplicates(cluster, phase
 async def test_deletion_removes_job_and_pods_but_not_artifacts(cluster):
     async with running_operator():
         await apply(cluster, job_doc())
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         await pod(cluster, "p1", "Running")
         await cluster.delete(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/job")
-        await wait_for(lambda: obj(cluster, FTJ, "job") is None, timeout=60, what="FineTuneJob gone")
+        await eventually(lambda: obj(cluster, FTJ, "job") is None, timeout=60, what="FineTuneJob gone")
     assert obj(cluster, "batch/v1/jobs", "job-train") is None
     assert obj(cluster, "v1/pods", "p1") is None
     assert obj(cluster, "v1/configmaps", "job-spec") is None
@@ -295,12 +285,12 @@ async def test_namespace_limit_queues_in_creation_order(cluster, monkeypatch):
     monkeypatch.setenv("KUBETUNE_MAX_RUNNING_PER_NAMESPACE", "1")
     async with running_operator():
         await apply(cluster, job_doc(name="first"))
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "first-train"), what="first Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "first-train"), what="first Job")
         await apply(cluster, job_doc(name="second"))
-        await wait_for(lambda: status(cluster, "second").get("phase") == "Queued", what="second queued")
+        await eventually(lambda: status(cluster, "second").get("phase") == "Queued", what="second queued")
         assert condition(cluster, "Admitted", "second")["reason"] == "WaitingForCapacity"
         await job_status(cluster, "first-train", Complete="True")
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "second-train"), timeout=20, what="second admitted")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "second-train"), timeout=20, what="second admitted")
 
 
 async def test_trainer_progress_channel_reaches_the_status(cluster):
@@ -309,14 +299,14 @@ async def test_trainer_progress_channel_reaches_the_status(cluster):
 
     async with running_operator():
         await apply(cluster, job_doc())
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         await pod(cluster, "job-train-x", "Running")
         channel = PodAnnotationChannel(str(cluster.url).rstrip("/"), NS, "job-train-x", token=None, ca_file=None)
         reporter = ProgressReporter([channel], interval=60)
         report = ProgressReport("training", step=7, totalSteps=70, loss=1.5, tokensPerSecond=123.0)
         await asyncio.to_thread(reporter.report, report, force=True)
         await asyncio.to_thread(reporter.report, ProgressReport("training", step=8, totalSteps=70))  # throttled
-        progress = await wait_for(lambda: status(cluster).get("progress"), what="mirrored progress")
+        progress = await eventually(lambda: status(cluster).get("progress"), what="mirrored progress")
         assert (progress["step"], progress["percent"], progress["loss"], progress["tokensPerSecond"]) == (
             7, 10, 1.5, 123.0)
 
@@ -342,15 +332,15 @@ async def test_a_job_that_cannot_fit_its_gpus_is_refused(cluster, s3_bucket, s3_
     async with running_operator():
         await apply(cluster, s3_job(s3_bucket.bucket, "big", method="lora", resources={"gpuMemoryGiB": 16}))
         await apply(cluster, s3_job(s3_bucket.bucket, "small", method="qlora", resources={"gpuMemoryGiB": 16}))
-        await wait_for(lambda: status(cluster, "big").get("phase") == "Failed", what="big refused")
+        await eventually(lambda: status(cluster, "big").get("phase") == "Failed", what="big refused")
         planned = condition(cluster, "Planned", "big")
         assert (planned["status"], planned["reason"]) == ("False", "DoesNotFit")
         assert "7.62B parameters" in planned["message"] and "short by" in planned["message"]
         assert "use method qlora" in status(cluster, "big")["message"]
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "small-train"), what="small's Job")
-        planned = await wait_for(lambda: condition(cluster, "Planned", "small"), what="small planned")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "small-train"), what="small's Job")
+        planned = await eventually(lambda: condition(cluster, "Planned", "small"), what="small planned")
         assert (planned["status"], planned["reason"]) == ("True", "Fits") and "of 16 GiB" in planned["message"]
-        await wait_for(lambda: any(o.get("reason") == "DoesNotFit" and o["involvedObject"]["name"] == "big"
+        await eventually(lambda: any(o.get("reason") == "DoesNotFit" and o["involvedObject"]["name"] == "big"
                                    for _, o in _events(cluster)), what="DoesNotFit event")
     assert obj(cluster, "batch/v1/jobs", "big-train") is None
 
@@ -361,16 +351,16 @@ async def test_missing_secret_and_wrong_credentials_wait_with_a_clear_message(cl
     wrong = "wrong-secret-key-MARKER-7f3a"
     async with running_operator():
         await apply(cluster, s3_job(s3_bucket.bucket, "job", method="qlora"))
-        await wait_for(lambda: condition(cluster, "Planned").get("reason") == "SecretNotFound", what="no Secret")
+        await eventually(lambda: condition(cluster, "Planned").get("reason") == "SecretNotFound", what="no Secret")
         assert status(cluster)["phase"] == "Pending"
         assert status(cluster)["message"] == f"Secret s3 (storage.secretRef) does not exist in namespace {NS}"
         await cluster.post(secrets, json=secret_doc(s3_server.config, secretKey=wrong))
-        await wait_for(lambda: condition(cluster, "Planned").get("reason") == "AccessDenied", timeout=20,
+        await eventually(lambda: condition(cluster, "Planned").get("reason") == "AccessDenied", timeout=20,
                        what="wrong credentials")
         assert "SignatureDoesNotMatch" in status(cluster)["message"]
         await cluster.patch(f"{secrets}/s3", json={"data": secret_doc(s3_server.config)["data"]})
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), timeout=20, what="the Job")
-        await wait_for(lambda: condition(cluster, "Planned").get("status") == "True", what="planned")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), timeout=20, what="the Job")
+        await eventually(lambda: condition(cluster, "Planned").get("status") == "True", what="planned")
         reasons = [o.get("reason") for _, o in _events(cluster) if o.get("type") == "Warning"]
         assert "SecretNotFound" in reasons and "AccessDenied" in reasons
     # The credential never leaks into what the operator wrote.
@@ -415,7 +405,7 @@ async def test_adapter_is_verified_promoted_through_its_gate_and_labelled(cluste
         await cluster.post(adapters, json=adapter_doc(s3_bucket.bucket, artifact={
             "uri": f"s3://{s3_bucket.bucket}/run", "manifestSha256": digest},
             stage="production", evaluationGate=[{"metric": "evalLoss", "max": 0.25}]))
-        await wait_for(lambda: adapter_status(cluster).get("phase") == "Ready", timeout=20, what="Ready")
+        await eventually(lambda: adapter_status(cluster).get("phase") == "Ready", timeout=20, what="Ready")
         assert adapter_condition(cluster, "Verified")["status"] == "True"
         status = adapter_status(cluster)
         assert status["metrics"] == {"evalLoss": 0.4, "exactMatch": 1.0, "train.steps": 30.0}
@@ -429,9 +419,9 @@ async def test_adapter_is_verified_promoted_through_its_gate_and_labelled(cluste
             "kubetune.dev/adapter": "invoices", "kubetune.dev/stage": "candidate"}
         await cluster.patch(f"{adapters}/invoices-v1", json={"spec": {"evaluationGate": [
             {"metric": "evalLoss", "max": 0.5}]}})
-        await wait_for(lambda: adapter_status(cluster).get("stage") == "production", what="promoted")
+        await eventually(lambda: adapter_status(cluster).get("stage") == "production", what="promoted")
         assert adapter_condition(cluster, "Promoted")["status"] == "True"
-        await wait_for(lambda: obj(cluster, ADAPTERS, "invoices-v1")["metadata"]["labels"]["kubetune.dev/stage"]
+        await eventually(lambda: obj(cluster, ADAPTERS, "invoices-v1")["metadata"]["labels"]["kubetune.dev/stage"]
                        == "production", what="production label")
 
 
@@ -446,7 +436,7 @@ async def test_damaged_artifact_is_not_verified_and_names_the_file(cluster, s3_b
     await cluster.post(f"/api/v1/namespaces/{NS}/secrets", json=secret_doc(s3_server.config))
     async with running_operator():
         await cluster.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters", json=adapter_doc(s3_bucket.bucket))
-        await wait_for(lambda: adapter_status(cluster).get("phase") == "Failed", timeout=20, what="Failed")
+        await eventually(lambda: adapter_status(cluster).get("phase") == "Failed", timeout=20, what="Failed")
     verified = adapter_condition(cluster, "Verified")
     assert (verified["status"], verified["reason"]) == ("False", "ChecksumMismatch")
     expected = "sha256 mismatch" if damage == "corrupt" else "missing"
@@ -462,9 +452,9 @@ async def test_deletion_policy_decides_whether_artifacts_go(cluster, s3_bucket, 
     path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters"
     async with running_operator():
         await cluster.post(path, json=adapter_doc(s3_bucket.bucket, deletionPolicy=policy))
-        await wait_for(lambda: adapter_status(cluster).get("phase") == "Ready", timeout=20, what="Ready")
+        await eventually(lambda: adapter_status(cluster).get("phase") == "Ready", timeout=20, what="Ready")
         await cluster.delete(f"{path}/invoices-v1")
-        await wait_for(lambda: obj(cluster, ADAPTERS, "invoices-v1") is None, timeout=20, what="deleted")
+        await eventually(lambda: obj(cluster, ADAPTERS, "invoices-v1") is None, timeout=20, what="deleted")
     left = {o.rel for o in s3_bucket.list()}
     assert "other-run/manifest.json" in left
     assert ("run/manifest.json" in left) == (policy == "Retain")
@@ -491,8 +481,8 @@ async def test_metrics_count_jobs_by_phase_and_reconciles(cluster, monkeypatch):
         before = await asyncio.to_thread(scrape)  # the registry is per process: compare with the start
         await apply(cluster, job_doc(name="m1"))
         await apply(cluster, job_doc(name="m2", lora={"r": 0}))
-        await wait_for(lambda: status(cluster, "m1").get("phase") == "Pending", what="m1 Pending")
-        await wait_for(lambda: status(cluster, "m2").get("phase") == "Failed", what="m2 Failed")
+        await eventually(lambda: status(cluster, "m1").get("phase") == "Pending", what="m1 Pending")
+        await eventually(lambda: status(cluster, "m2").get("phase") == "Failed", what="m2 Failed")
         after = await asyncio.to_thread(scrape)
     assert value(after, pending) - value(before, pending) == 1
     assert value(after, failed) - value(before, failed) == 1
@@ -518,10 +508,10 @@ async def test_bad_inputs_each_fail_with_their_message_and_create_nothing(cluste
         def failed() -> bool:
             return all(((obj(cluster, kind, name) or {}).get("status") or {}).get("phase") == "Failed"
                        for kind, name in expected)
-        await wait_for(failed, timeout=120, what="every bad input Failed")
+        await eventually(failed, timeout=120, what="every bad input Failed")
         warned = lambda: {o["involvedObject"]["name"] for _, o in _events(cluster)  # noqa: E731
                           if o.get("type") == "Warning" and o.get("reason") == "InvalidSpec"}
-        await wait_for(lambda: warned() >= {name for _, name in expected}, what="a Warning event for each")
+        await eventually(lambda: warned() >= {name for _, name in expected}, what="a Warning event for each")
     for (kind, name), message in expected.items():
         status = obj(cluster, kind, name)["status"]
         assert message in status["message"], (name, status["message"])
@@ -539,33 +529,33 @@ async def test_api_errors_and_dropped_watches_lose_no_update(cluster):
     cluster.inject("POST", r"/configmaps$", 409, times=1)  # a conflict over an object not (yet) there
     async with running_operator():
         await apply(cluster, job_doc(name="first"))
-        await wait_for(lambda: status(cluster, "first").get("phase") == "Pending", timeout=30, what="first Pending")
+        await eventually(lambda: status(cluster, "first").get("phase") == "Pending", timeout=30, what="first Pending")
         assert list(objects_of(cluster, "batch/v1/jobs")) == ["first-train"]  # retried, not duplicated
         assert [fault[3] for fault in cluster.faults] == [0, 0, 0, 0]  # every injected error was met
         assert cluster.drop_watches() >= 3  # FineTuneJobs, LoraAdapters, Jobs, pods...
         await apply(cluster, job_doc(name="second"))
-        await wait_for(lambda: obj(cluster, "batch/v1/jobs", "second-train"), timeout=30, what="watch resumed")
+        await eventually(lambda: obj(cluster, "batch/v1/jobs", "second-train"), timeout=30, what="watch resumed")
         await pod(cluster, "second-p", "Running", ftj="second")
-        await wait_for(lambda: status(cluster, "second").get("phase") == "Running", timeout=30,
+        await eventually(lambda: status(cluster, "second").get("phase") == "Running", timeout=30,
                        what="a pod update after the drop")
 
 
 async def test_several_nodes_run_as_one_group(cluster):
     async with running_operator():
         await apply(cluster, job_doc(resources={"gpus": 2, "nodes": 2}))
-        job = await wait_for(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
+        job = await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         assert (job["spec"]["completionMode"], job["spec"]["parallelism"]) == ("Indexed", 2)
         service = obj(cluster, "v1/services", "job-train")
         assert service["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == "job-train"
         await pod(cluster, "job-train-0-a", "Running")
         await pod(cluster, "job-train-1-a", "Running")
-        await wait_for(lambda: status(cluster).get("phase") == "Running", what="Running")
+        await eventually(lambda: status(cluster).get("phase") == "Running", what="Running")
         # Rank 1's node dies: rank 0 would wait in its next all-reduce until NCCL's timeout.
         finished = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=5)
         await cluster.patch(f"/api/v1/namespaces/{NS}/pods/job-train-1-a/status", json={"status": {
             "phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
                 "exitCode": 137, "reason": "Error", "finishedAt": finished.strftime("%Y-%m-%dT%H:%M:%SZ")}}}]}})
-        await wait_for(lambda: obj(cluster, "v1/pods", "job-train-0-a") is None, what="rank 0 stopped with its group")
-        await wait_for(lambda: [o for _, o in _events(cluster) if o.get("reason") == "GroupRestart"],
+        await eventually(lambda: obj(cluster, "v1/pods", "job-train-0-a") is None, what="rank 0 stopped with its group")
+        await eventually(lambda: [o for _, o in _events(cluster) if o.get("reason") == "GroupRestart"],
                        what="GroupRestart event")
         assert obj(cluster, "batch/v1/jobs", "job-train")  # the same Job: its controller starts both ranks again

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,11 @@ import yaml
 
 from kubetune.local.apiserver import ApiServer
 from kubetune.local.stack import write_kubeconfig
-from tests.support import minimal_job, patched
+from tests.support import eventually, minimal_job, patched
 
 pytestmark = pytest.mark.kmock(cls=ApiServer)
 NS = "team-p"
 CRDS = Path(__file__).resolve().parents[2] / "crds"
-
-
-async def _until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _jobs(kmock) -> set[str]:
@@ -55,11 +45,11 @@ async def test_one_replica_is_active_and_the_other_takes_over(kmock, tmp_path):
         def peers() -> dict:
             return (kmock.objects[(next(r for r, _, _ in kmock.objects if r.plural == "kopfpeerings"), NS, "kubetune")]
                     .raw.get("status") or {})
-        await _until(lambda: len([p for p in peers().values() if p]) == 2, 30, "both replicas to register")
+        await eventually(lambda: len([p for p in peers().values() if p]) == 2, 30, "both replicas to register")
 
         await kmock.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs",
                          json=patched(minimal_job(), {"metadata": {"name": "first", "namespace": NS}}))
-        await _until(lambda: "first-train" in _jobs(kmock), 30, "the first Job")
+        await eventually(lambda: "first-train" in _jobs(kmock), 30, "the first Job")
         assert "'name': 'first'" in logs[200].read_text()  # the higher priority is the active one
         assert "'name': 'first'" not in logs[100].read_text()
 
@@ -67,7 +57,7 @@ async def test_one_replica_is_active_and_the_other_takes_over(kmock, tmp_path):
         assert await asyncio.wait_for(replicas[200].wait(), 30) == 0
         await kmock.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs",
                          json=patched(minimal_job(), {"metadata": {"name": "second", "namespace": NS}}))
-        await _until(lambda: "second-train" in _jobs(kmock), 60, "the standby to take over")
+        await eventually(lambda: "second-train" in _jobs(kmock), 60, "the standby to take over")
         assert "'name': 'second'" in logs[100].read_text()
         assert _jobs(kmock) == {"first-train", "second-train"}  # one Job each: nothing done twice
     finally:

@@ -22,7 +22,7 @@ from kubetune.storage.manifest import read_manifest, verify
 from kubetune.storage.models import import_model
 from kubetune_trainer.checkpoints import CHECKPOINT_MANIFEST, CheckpointStore
 from kubetune_trainer.samples import invoice_records
-from tests.local.support import eventually
+from tests.support import eventually
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "local" / "finetunejob.yaml"
