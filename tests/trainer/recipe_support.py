@@ -1,8 +1,12 @@
-"""Building run specs for trainer tests: a volume with the model and the invoice data."""
+"""Building run specs for trainer tests (a volume with the model and the invoice data), and
+running the trainer on one as its pod would."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from kubetune_trainer.samples import invoice_records, write_jsonl
@@ -43,3 +47,10 @@ def run_spec(root: Path, volumes: Path, *, output_uri: str = "pvc://runs/job", d
 def write_spec(path: Path, body: dict) -> Path:
     path.write_text(json.dumps(body))
     return path
+
+
+def run_trainer(spec_path: Path, log: Path, **env: str) -> int:
+    """The trainer's exit code for a spec, through its entry point; its output goes to log."""
+    command = [sys.executable, "-m", "kubetune_trainer.main", "--spec", str(spec_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=900).returncode

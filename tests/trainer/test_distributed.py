@@ -5,9 +5,6 @@ different number of workers."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,15 +12,9 @@ from kubetune.contract import EXIT_OK
 from kubetune.storage.location import LocalLocation
 from kubetune.storage.manifest import read_manifest
 from kubetune_trainer.checkpoints import CheckpointStore
-from tests.trainer.recipe_support import make_volume, run_spec, write_spec
+from tests.trainer.recipe_support import make_volume, run_spec, run_trainer, write_spec
 
 pytestmark = pytest.mark.slow
-
-
-def _trainer(spec_path, log) -> int:
-    command = [sys.executable, "-m", "kubetune_trainer.main", "--spec", str(spec_path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=900).returncode
 
 
 def test_two_workers_write_once_and_resume_with_one(tmp_path, smollm2_dir):
@@ -33,7 +24,8 @@ def test_two_workers_write_once_and_resume_with_one(tmp_path, smollm2_dir):
 
     two = write_spec(tmp_path / "two.json", run_spec(tmp_path / "two", volumes, training={"maxSteps": 4},
                                                      resources={"gpus": 2}, **common))
-    assert _trainer(two, tmp_path / "two.log") == EXIT_OK, (tmp_path / "two.log").read_text()[-3000:]
+    assert run_trainer(two, tmp_path / "two.log", OMP_NUM_THREADS="1") == EXIT_OK, \
+        (tmp_path / "two.log").read_text()[-3000:]
     log = (tmp_path / "two.log").read_text()
     assert "micro-batch 1 x accumulation 1 x 2 process(es) = 2 rows per step" in log  # the spec's batch of 2, split
     assert log.count("published pvc://runs/job") == 1  # rank 0 alone publishes
@@ -45,7 +37,8 @@ def test_two_workers_write_once_and_resume_with_one(tmp_path, smollm2_dir):
     # The same run, longer, on one worker: it resumes at step 4 with the whole batch per step.
     one = write_spec(tmp_path / "one.json", run_spec(tmp_path / "one", volumes, training={"maxSteps": 6},
                                                      resources={"gpus": 1}, **common))
-    assert _trainer(one, tmp_path / "one.log") == EXIT_OK, (tmp_path / "one.log").read_text()[-3000:]
+    assert run_trainer(one, tmp_path / "one.log", OMP_NUM_THREADS="1") == EXIT_OK, \
+        (tmp_path / "one.log").read_text()[-3000:]
     log = (tmp_path / "one.log").read_text()
     assert "resuming from pvc://runs/job/checkpoints/checkpoint-4" in log
     assert "micro-batch 2 x accumulation 1 x 1 process(es) = 2 rows per step" in log

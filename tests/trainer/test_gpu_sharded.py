@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from kubetune.storage.location import LocalLocation
 from kubetune.storage.manifest import read_manifest
 from kubetune_trainer.checkpoints import CheckpointStore
 from kubetune_trainer.samples import invoice_records
-from tests.trainer.recipe_support import make_volume, run_spec, write_spec
+from tests.trainer.recipe_support import make_volume, run_spec, run_trainer, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     torch.cuda.device_count() < 2 or importlib.util.find_spec("bitsandbytes") is None,
@@ -52,12 +49,6 @@ def _random_model(directory: Path) -> Path:
     return directory
 
 
-def _trainer(spec_path: Path, log: Path) -> int:
-    command = [sys.executable, "-m", "kubetune_trainer.main", "--spec", str(spec_path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=900).returncode
-
-
 def _memory_that_needs_sharding(spec: dict, model_dir: Path) -> float:
     """GPU memory (GiB) between what one copy per GPU needs and what two shards need, as the
     trainer's planner counts them (micro-batch 1, checkpointing: its smallest plan)."""
@@ -66,8 +57,9 @@ def _memory_that_needs_sharding(spec: dict, model_dir: Path) -> float:
 
     def need(shards: int) -> float:
         return estimate_memory(shape, quantized=s.method == "qlora", lora_r=s.lora.r,
-                               lora_targets=list(s.lora.target_modules), micro_batch=1, seq_len=s.training.max_seq_length, checkpointing=True,
-                               fused_kernels=True, shards=shards).total_gib
+                               lora_targets=list(s.lora.target_modules), micro_batch=1,
+                               seq_len=s.training.max_seq_length, checkpointing=True, fused_kernels=True,
+                               shards=shards).total_gib
     assert need(2) < need(1)
     return round((need(1) + need(2)) / 2 / HEADROOM, 4)
 
@@ -92,7 +84,7 @@ def test_sharded_run_learns_as_unsharded_writes_once_and_resumes_sharded(tmp_pat
     manifests = {}
     for name, path in runs.items():
         log = tmp_path / f"{name}.log"
-        assert _trainer(path, log) == EXIT_OK, log.read_text()[-4000:]
+        assert run_trainer(path, log) == EXIT_OK, log.read_text()[-4000:]
         text = log.read_text()
         assert ("base model sharded over 2 GPUs (FSDP)" in text) == (name == "sharded")
         assert text.count(f"published pvc://runs/{name}") == 1
@@ -120,7 +112,7 @@ def test_sharded_run_learns_as_unsharded_writes_once_and_resumes_sharded(tmp_pat
     assert (checkpoint / "optimizer.bin").exists() and not (checkpoint / "pytorch_model_fsdp.bin").exists()
 
     longer = spec("sharded", resources={"gpus": 2, "gpuMemoryGiB": tight}, training={"maxSteps": 8})
-    assert _trainer(longer, tmp_path / "resume.log") == EXIT_OK, (tmp_path / "resume.log").read_text()[-4000:]
+    assert run_trainer(longer, tmp_path / "resume.log") == EXIT_OK, (tmp_path / "resume.log").read_text()[-4000:]
     assert "resuming from pvc://runs/sharded/checkpoints/checkpoint-6" in (tmp_path / "resume.log").read_text()
     resumed = read_manifest(output).metadata["metrics"]
     assert resumed["train"]["steps"] == 8
@@ -129,7 +121,7 @@ def test_sharded_run_learns_as_unsharded_writes_once_and_resumes_sharded(tmp_pat
         json.dumps(resumed)
 
     unsharded = spec("sharded", resources={"gpus": 2}, training={"maxSteps": 10})
-    assert _trainer(unsharded, tmp_path / "mode.log") == EXIT_CONFIG
+    assert run_trainer(unsharded, tmp_path / "mode.log") == EXIT_CONFIG
     assert "checkpoint-8 was written by a sharded (FSDP) run" in (tmp_path / "mode.log").read_text()
     assert CheckpointStore(output, keep=5).complete_steps()[-1] == 8  # nothing lost
     assert sharded["final"]["evalLoss"] < sharded["baseline"]["evalLoss"] - 0.1, both  # it learned

@@ -74,7 +74,8 @@ def plan_run(spec: FineTuneJobSpec, shape: ModelShape | None, gpu_memory_gib: fl
     per_process = math.ceil(t.batch_size / world)
     fixed_checkpointing = {"on": True, "off": False}.get(t.gradient_checkpointing)
 
-    def plan(micro: int, checkpointing: bool, estimate: MemoryEstimate | None = None, sharded: bool = False) -> RunPlan:
+    def plan(micro: int, checkpointing: bool, estimate: MemoryEstimate | None = None,
+             sharded: bool = False) -> RunPlan:
         return RunPlan(world, micro, math.ceil(per_process / micro), checkpointing, estimate, gpu_memory_gib, sharded)
 
     if r.gpus == 0 or shape is None or not gpu_memory_gib:
