@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_bench import loop_without_side_effects, shared_model_dir  # noqa: E402
 
 from kubetune_trainer import distributed  # noqa: E402
-from kubetune_trainer.data import Example  # noqa: E402
+from kubetune_trainer.data import training_rows  # noqa: E402
 from kubetune_trainer.modeling import load_tokenizer  # noqa: E402
 from kubetune_trainer.samples import invoice_records  # noqa: E402
 
@@ -78,7 +78,6 @@ def run_kubetune(path: str, ids: list[list[int]], tokenizer, steps: int, log: Lo
 
     from kubetune.api.finetunejob import FineTuneJobSpec
     from kubetune_trainer.modeling import Placement, attach_lora, load_base
-    from kubetune_trainer.packing import unpacked
     from kubetune_trainer.training import build_trainer, plan_batches
 
     spec = FineTuneJobSpec.model_validate({
@@ -95,9 +94,10 @@ def run_kubetune(path: str, ids: list[list[int]], tokenizer, steps: int, log: Lo
     plan = plan_batches(spec, Path(path), on_gpu=True, world_size=ranks.world_size)
     set_seed(HYPER["seed"])
     model = attach_lora(load_base(Path(path), spec, Placement.detect(), gradient_checkpointing=True), spec)
-    rows = unpacked([Example(x, x[:], "parity") for x in ids])
-    trainer, _ = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/parity-kubetune"),
-                               pad_id=tokenizer.pad_token_id,
+    from datasets import Dataset
+
+    rows = training_rows(Dataset.from_dict({"input_ids": ids, "labels": ids}), 2048, packing=False)
+    trainer, _ = build_trainer(model, spec, rows, tokenizer=tokenizer, plan=plan, work_dir=Path("/tmp/parity-kubetune"),
                                callback_kwargs=loop_without_side_effects(ranks))
     trainer.add_callback(log)
     trainer.train()

@@ -39,6 +39,7 @@ CASES = {
     "baseline-seed-7b": ANCHOR + ["--arch", "qwen2.5-7b", "--case", "seed"],
     "baseline-tuned-7b": ANCHOR + ["--arch", "qwen2.5-7b", "--case", "tuned"],
     "kubetune-1.5b-attn": BENCH + ["--arch", "qwen2.5-1.5b", "--targets", "attn"],
+    "baseline-tuned-1.5b": ANCHOR + ["--arch", "qwen2.5-1.5b", "--case", "tuned"],
     "kubetune-1.5b-all-linear": BENCH + ["--arch", "qwen2.5-1.5b", "--targets", "all-linear"],
     "baseline-seed-1.5b": ANCHOR + ["--arch", "qwen2.5-1.5b", "--case", "seed"],
     "parity-baseline": PARITY + ["--case", "baseline"],
@@ -67,7 +68,8 @@ def main() -> None:
 
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
               "versions": {n: importlib.metadata.version(n) for n in (
-                  "torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel")},
+                  "torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "liger-kernel")},
+              "command": " ".join(sys.argv),
               "cases": {}}
     _build_model_dirs()
     for name in a.only or CASES:

@@ -28,10 +28,9 @@ from archs import ARCHS, build_model_dir, flops_per_token  # noqa: E402
 
 from kubetune.api.finetunejob import FineTuneJobSpec  # noqa: E402
 from kubetune_trainer import distributed  # noqa: E402
-from kubetune_trainer.data import Example  # noqa: E402
+from kubetune_trainer.data import training_rows  # noqa: E402
 from kubetune_trainer.kernels import fused_kernels_available  # noqa: E402
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer  # noqa: E402
-from kubetune_trainer.packing import pack  # noqa: E402
 from kubetune_trainer.training import PreemptionFlag, build_trainer, plan_batches  # noqa: E402
 
 TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": ["all-linear"]}
@@ -99,14 +98,14 @@ class StepTimer(TrainerCallback):
         self.steps = state.global_step - self.warmup
 
 
-def examples(n: int, vocab: int, seed: int = 0) -> list[Example]:
+def examples(n: int, vocab: int, seed: int = 0):
+    """Tokenized examples as the trainer's data preparation leaves them (a datasets.Dataset)."""
+    from datasets import Dataset
+
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(math.log(250), 0.8, n), 32, 2048).astype(int)
-    out = []
-    for k in lengths:
-        ids = rng.integers(10, vocab - 10, size=k).tolist()
-        out.append(Example(ids, ids[:], "bench"))
-    return out
+    ids = [rng.integers(10, vocab - 10, size=k).tolist() for k in lengths]
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
 def main() -> None:
@@ -135,7 +134,7 @@ def main() -> None:
         "resources": {"gpus": ranks.world_size, "gpuMemoryGiB": a.gpu_memory_gib},
         "output": {"uri": "pvc://runs/bench"}, "checkpointEverySteps": 1_000_000,
     })
-    rows = pack(examples(4000, min(len(tokenizer), ARCHS[a.arch][6])), 2048)
+    rows = training_rows(examples(4000, min(len(tokenizer), ARCHS[a.arch][6])), 2048, packing=True)
     placement = Placement.detect()
     plan = plan_batches(spec, Path(path), on_gpu=True, world_size=ranks.world_size)
     torch.cuda.reset_peak_memory_stats()
@@ -144,8 +143,7 @@ def main() -> None:
     # Every process loads the whole 4-bit model before FSDP shards it: the load has its own peak.
     load_peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
-    trainer, loop = build_trainer(model, spec, rows, plan=plan, work_dir=Path("/tmp/bench-work"),
-                                  pad_id=tokenizer.pad_token_id,
+    trainer, loop = build_trainer(model, spec, rows, tokenizer=tokenizer, plan=plan, work_dir=Path("/tmp/bench-work"),
                                   callback_kwargs=loop_without_side_effects(ranks))
     timer = StepTimer(loop.counter, a.warmup)
     trainer.add_callback(timer)
@@ -174,8 +172,8 @@ def main() -> None:
         "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12 / ranks.world_size, 4),
         "wall_s": round(time.perf_counter() - t, 1),
         "gpu": torch.cuda.get_device_name(0),
-        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "accelerate", "peft",
-                                                                "bitsandbytes", "liger-kernel")},
+        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "accelerate", "peft", "trl",
+                                                                "datasets", "bitsandbytes", "liger-kernel")},
     }), flush=True)
 
 

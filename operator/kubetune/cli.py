@@ -124,7 +124,8 @@ def _cmd_local_serve(args: argparse.Namespace) -> int:
     async def serve() -> None:
         stop = asyncio.Event()
         try:
-            async with LocalStack(Path(args.state), api_port=args.port, gpus=args.gpus) as stack:
+            async with LocalStack(Path(args.state), api_port=args.port, gpus=args.gpus,
+                                  control_plane=args.control_plane) as stack:
                 # After the stack is up: Kopf installs its own handlers when the operator starts.
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -138,10 +139,16 @@ def _cmd_local_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_api(args: argparse.Namespace) -> int:
+    from kubetune.openai_api.cli import run_api
+
+    return run_api(args)
+
+
 def _cmd_local_up(args: argparse.Namespace) -> int:
     from kubetune.local.daemon import start
 
-    return start(Path(args.state), args.port, args.gpus)
+    return start(Path(args.state), args.port, args.gpus, control_plane=args.control_plane)
 
 
 def _cmd_local_down(args: argparse.Namespace) -> int:
@@ -187,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("uri", help="s3://bucket/prefix")
     imp.set_defaults(run=_cmd_models_import)
 
+    from kubetune.datasets_cli import register as register_datasets
+    register_datasets(sub)
+
     adapters = sub.add_parser("adapters", help="LoraAdapters in the cluster").add_subparsers(
         dest="adapters_command", required=True)
     listing = adapters.add_parser("list", help="versions by adapter name, with stage and phase (kubeconfig)")
@@ -194,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--namespace", "-n", default="default")
     listing.add_argument("--production", action="store_true", help="only the version in production")
     listing.set_defaults(run=_cmd_adapters_list)
+
+    api = sub.add_parser("api", help="serve the OpenAI fine-tuning API (/v1/files, /v1/fine_tuning/jobs) "
+                                     "on top of FineTuneJobs")
+    from kubetune.openai_api.cli import add_arguments as add_api_arguments
+    add_api_arguments(api)
+    api.set_defaults(run=_cmd_api)
+
+    bundle = sub.add_parser("bundle", help="write the images, chart, CRDs and optional base models into one "
+                                           "checksummed directory for an air-gapped install")
+    from kubetune.bundle import add_arguments as add_bundle_arguments, run as run_bundle
+    add_bundle_arguments(bundle)
+    bundle.set_defaults(run=run_bundle)
 
     local = sub.add_parser("local", help="the local stack: API server, S3, operator, executor on 127.0.0.1")
     local_sub = local.add_subparsers(dest="local_command", required=True)
@@ -206,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("up", "serve"):
             cmd.add_argument("--port", type=int, default=0, help="API server port (default: any free one)")
             cmd.add_argument("--gpus", type=int, default=0, help="GPUs the executor offers to pods")
+            cmd.add_argument("--control-plane", choices=("emulator", "kubernetes"), default="emulator",
+                             help="emulator: kubetune's own API server (starts in seconds); kubernetes: etcd, "
+                                  "kube-apiserver, kube-controller-manager and kube-scheduler on 127.0.0.1 "
+                                  "(built once by scripts/control-plane build), the executor as the node's kubelet")
         if name == "demo":
             cmd.add_argument("--file", default="examples/local/finetunejob.yaml", help="the FineTuneJob to apply")
         cmd.set_defaults(run=run)

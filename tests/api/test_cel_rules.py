@@ -37,7 +37,7 @@ def _models(model: ApiModel):
 def _rule_verdicts(doc) -> list[tuple[str, bool, bool]]:
     resource = KIND_MODELS[doc["kind"]].model_validate(doc, context={"skip_rules": True})
     verdicts = []
-    for model in _models(resource.spec):
+    for model in _models(resource):  # from the root: rules on the resource itself read metadata.name
         wire = model.model_dump(by_alias=True, mode="json", exclude_none=True)
         for rule in type(model).rules:
             verdicts.append((rule.cel, rule.check(model), cel(rule.cel, self=wire)))
@@ -48,6 +48,7 @@ RULE_DOCS = [d for _, d in example_docs()] + [minimal_job(**p) for _, p, _, _ in
     patched(ADAPTER, {"spec": p}) for p, _, _ in ADAPTER_CASES] + [
     minimal_job(method="qlora"), minimal_job(method="qlora", quantization={"bits": 4}),
     minimal_job(baseModel={"uri": "hf://org/m"}, allowHubDownloads=True),
+    patched(minimal_job(), {"metadata": {"name": "a" * 64}}), patched(ADAPTER, {"metadata": {"name": "a" * 64}}),
 ]
 
 

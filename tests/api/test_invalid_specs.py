@@ -139,6 +139,7 @@ ADAPTER_CASES = [
     ({"deletionPolicy": "Orphan"}, "spec.deletionPolicy", "input should be 'Retain' or 'Delete'"),
     ({"artifact": {"uri": "s3://adapters/x"}}, "spec.storage.secretRef", "s3:// URIs need storage.secretRef"),
     ({"artifact": {"uri": "hf://org/x"}}, "spec.artifact.uri", "artifacts live on s3:// or pvc://, not on the hub"),
+    ({"artifact": {"uri": "pvc://runs"}}, "spec.artifact.uri", "must name a prefix inside the bucket or claim, not its root"),
     ({"version": 0}, "spec.version", "input should be greater than or equal to 1"),
     ({"merge": {"gpus": 9}}, "spec.merge.gpus", "input should be less than or equal to 8"),
 ]

@@ -1,24 +1,23 @@
-"""The Helm chart, rendered by helm itself (scripts/fetch-helm): lint, every object valid against
+"""The Helm chart, rendered by helm itself (built from helm.sh/helm/v4 by scripts/ecosystem-tools): lint, every object valid against
 Kubernetes' schemas, restricted pods, least-privilege RBAC, values checked by values.schema.json."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
+from tests.chart.tools import ecosystem_tool
+
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
-HELM = shutil.which("helm") or str(Path(sys.executable).parent / "helm")
 CUSTOM_KINDS = {"ServiceMonitor", "KopfPeering", "ClusterKopfPeering"}  # no schema of theirs in kubernetes-validate
 
 
 def render(*sets: str, check: bool = True) -> subprocess.CompletedProcess:
-    args = [HELM, "template", "rel", str(CHART), "--namespace", "kubetune"]
+    args = [ecosystem_tool("helm"), "template", "rel", str(CHART), "--namespace", "kubetune"]
     for s in sets:
         args += ["--set", s]
     return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check)
@@ -37,8 +36,16 @@ VARIANTS = {
 }
 
 
+def test_helm_is_the_release_pinned_in_ecosystem():
+    pinned = next(line.split()[-1] for line in (CHART.parents[1] / "ecosystem" / "helm" / "go.mod").read_text().splitlines()
+                  if line.strip().startswith(("require helm.sh/helm/", "helm.sh/helm/")))
+    done = subprocess.run([ecosystem_tool("helm"), "version", "--template", "{{.Version}}"], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.strip() == pinned
+
+
 def test_lint():
-    done = subprocess.run([HELM, "lint", str(CHART), "--strict"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([ecosystem_tool("helm"), "lint", str(CHART), "--strict"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -101,7 +108,7 @@ def test_rbac_is_least_privilege():
     cluster_role = next(d for d in namespaced if d["kind"] == "ClusterRole")
     assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
     trainer = next(d for d in namespaced if d["kind"] == "Role" and d["metadata"]["name"] == "kubetune-trainer")
-    assert trainer["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    assert trainer["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
 
 
 @pytest.mark.parametrize("bad,complaint", [

@@ -12,11 +12,9 @@ import json
 import datetime
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import kopf
 import pytest
-import yaml
 
 import kubetune.controller.handlers  # noqa: F401  (registers the handlers)
 from kubetune.contract import PROGRESS_ANNOTATION
@@ -27,27 +25,6 @@ pytestmark = pytest.mark.kmock(cls=ApiServer)
 NS = "team-a"
 FTJ = "kubetune.dev/v1alpha1/finetunejobs"
 ADAPTERS = "kubetune.dev/v1alpha1/loraadapters"
-CRDS = Path(__file__).resolve().parents[2] / "crds"
-
-
-@pytest.fixture
-def cluster(kmock, tmp_path, monkeypatch):
-    for crd in sorted(CRDS.glob("*.yaml")):
-        for doc in yaml.safe_load_all(crd.read_text()):
-            kmock.serve_crd(doc)
-    config = tmp_path / "kubeconfig"
-    config.write_text(f"""
-apiVersion: v1
-kind: Config
-current-context: emulator
-clusters: [{{name: emulator, cluster: {{server: "{str(kmock.url).rstrip('/')}"}}}}]
-contexts: [{{name: emulator, context: {{cluster: emulator}}}}]
-""")
-    monkeypatch.setenv("KUBECONFIG", str(config))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    return kmock
-
-
 @asynccontextmanager
 async def running_operator():
     """The operator, as `kubetune operator` runs it, in the test's event loop."""
@@ -186,9 +163,9 @@ async def test_failure_retry_preemption_and_oom(cluster):
         await eventually(lambda: obj(cluster, "batch/v1/jobs", "job-train"), what="the Job")
         await pod(cluster, "p1", "Failed", exit_code=75, message={"preempted": True})
         await pod(cluster, "p2", "Running")
-        await eventually(lambda: status(cluster).get("preemptions") == 1 and status(cluster).get("phase") == "Running",
-                       what="preemption counted")
-        assert status(cluster)["failures"] == 0 and status(cluster)["message"] == "resumed after 1 preemption(s)"
+        await eventually(lambda: status(cluster).get("preemptions") == 1
+                         and status(cluster).get("message") == "resumed after 1 preemption(s)", what="resumed")
+        assert status(cluster)["failures"] == 0 and status(cluster)["phase"] == "Running"
         await pod(cluster, "p2", "Failed", exit_code=1,
                   message={"error": {"reason": "StorageUnavailable", "message": "object store unavailable for 120s"}})
         await pod(cluster, "p3", "Running")
@@ -257,8 +234,9 @@ async def test_restart_in_every_phase_adopts_and_never_duplicates(cluster, phase
     async with running_operator():
         await eventually(lambda: any(r.method.name == "GET" and r.name == "job-train"
                                    for r in list(cluster)[mark:]), what="the resumed reconcile")
-        await eventually(lambda: any(r.method.name == "PATCH" and r.subresource == "status"
-                                   for r in list(cluster)[mark:]), what="status recorded again")
+        # Then it lists the pods to observe them: past the point where it would have created anything.
+        await eventually(lambda: any(r.method.name == "GET" and r.resource is not None and r.resource.plural == "pods"
+                                   and r.name is None for r in list(cluster)[mark:]), what="the pods observed")
         assert status(cluster)["phase"] == phase
     creates = [r for r in cluster if r.method.name == "POST" and r.resource is not None
                and r.resource.plural == "jobs"]
@@ -505,10 +483,14 @@ async def test_bad_inputs_each_fail_with_their_message_and_create_nothing(cluste
             await cluster.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters", json=doc)
             expected[ADAPTERS, f"bad-adapter-{index}"] = f"{path}: {message}"
 
-        def failed() -> bool:
-            return all(((obj(cluster, kind, name) or {}).get("status") or {}).get("phase") == "Failed"
-                       for kind, name in expected)
-        await eventually(failed, timeout=120, what="every bad input Failed")
+        def not_failed() -> list[str]:
+            return [name for kind, name in expected
+                    if ((obj(cluster, kind, name) or {}).get("status") or {}).get("phase") != "Failed"]
+        try:
+            # About 50 objects on a shared CPU: the test takes about 3 minutes here, before and after issue 26.
+            await eventually(lambda: not not_failed(), timeout=240, what="every bad input Failed")
+        except AssertionError:
+            raise AssertionError(f"not Failed after 240 s: {not_failed()}") from None
         warned = lambda: {o["involvedObject"]["name"] for _, o in _events(cluster)  # noqa: E731
                           if o.get("type") == "Warning" and o.get("reason") == "InvalidSpec"}
         await eventually(lambda: warned() >= {name for _, name in expected}, what="a Warning event for each")

@@ -81,6 +81,20 @@ def test_list_and_delete_prefix(location):
     assert [o.rel for o in location.list()] == ["checkpoints/checkpoint-2/a", "manifest.json"]
 
 
+def test_delete_keys_removes_exactly_those_keys(location):
+    for name in ("manifest.json", "adapter/a", "adapter/b", "adapter/b.bak"):
+        location.put_bytes(name, b"x")
+    assert location.delete_keys(["manifest.json", "adapter/b", "adapter/gone"]) == 2
+    assert [o.rel for o in location.list()] == ["adapter/a", "adapter/b.bak"]
+
+
+def test_a_rewritten_object_lists_with_another_etag(location):
+    location.put_bytes("adapter/a", b"one")
+    before = location.list()[0].etag
+    location.put_bytes("adapter/a", b"two")
+    assert before and location.list()[0].etag != before
+
+
 def test_local_location_refuses_escape(tmp_path):
     with pytest.raises(ValueError, match="escapes"):
         LocalLocation(tmp_path / "a").put_bytes("../b", b"x")

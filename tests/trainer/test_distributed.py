@@ -44,3 +44,19 @@ def test_two_workers_write_once_and_resume_with_one(tmp_path, smollm2_dir):
     assert "micro-batch 2 x accumulation 1 x 1 process(es) = 2 rows per step" in log
     assert read_manifest(output).metadata["metrics"]["train"]["steps"] == 6
     assert CheckpointStore(output, keep=5).complete_steps() == [2, 4, 6]
+
+
+def test_one_epoch_on_two_workers_is_one_pass_over_the_rows(tmp_path, smollm2_dir):
+    """Each optimizer step takes a micro-batch from every worker: one epoch on two workers is half
+    the steps of one worker, and every row is trained on once (not once per worker)."""
+    volumes = make_volume(tmp_path, smollm2_dir, records=40)
+    spec = write_spec(tmp_path / "epoch.json", run_spec(tmp_path / "epoch", volumes, resources={"gpus": 2},
+                                                        training={"maxSteps": None, "epochs": 1}))
+    assert run_trainer(spec, tmp_path / "epoch.log", OMP_NUM_THREADS="1") == EXIT_OK, \
+        (tmp_path / "epoch.log").read_text()[-3000:]
+    train = read_manifest(LocalLocation(volumes / "runs" / "job", "pvc://runs/job")).metadata["metrics"]["train"]
+    rows_per_step = 2  # micro-batch 1 on each of the 2 workers
+    assert train["rows"] > 2 * rows_per_step
+    assert train["steps"] == -(-train["rows"] // rows_per_step)
+    assert train["distinctRowsSeen"] == train["rows"]
+    assert train["rows"] <= train["rowsSeen"] < train["rows"] + rows_per_step

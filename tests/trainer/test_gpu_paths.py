@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kubetune_trainer import attention
-from kubetune_trainer.data import IGNORE, Example
-from kubetune_trainer.packing import RowCollator, pack
+from kubetune_trainer.data import IGNORE, training_rows
+from kubetune_trainer.packing import RowCollator
 
 pytestmark = pytest.mark.skipif(not attention.available(), reason="needs a CUDA GPU and torch varlen attention")
 
@@ -32,8 +32,7 @@ def test_varlen_attention_matches_per_example_causal_attention():
     lengths = [5, 300, 1, 200, 6]  # one row of 512 tokens
     q = torch.randn(1, 8, 512, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    positions = [p for n in lengths for p in range(n)]
-    batch = RowCollator(0, multiple_of=1)([{"input_ids": [1] * 512, "labels": [1] * 512, "position_ids": positions}])
+    batch = RowCollator(0, multiple_of=1)([{"input_ids": [1] * 512, "labels": [1] * 512, "seq_lengths": lengths}])
     out, _ = attention.varlen_attention(None, q, k, v, None, scaling=64 ** -0.5,
                                         cu_seq_lens_q=batch["cu_seq_lens_q"].cuda(),
                                         max_length_q=batch["max_length_q"])
@@ -53,9 +52,11 @@ def _tiny_qwen2(attn_implementation):
 @torch.no_grad()
 def test_packed_training_batch_through_the_model_equals_separate_examples():
     model = _tiny_qwen2(attention.register())
-    examples = [Example(list(range(10, 10 + n)), list(range(10, 10 + n)), "t") for n in (40, 17, 90, 3)]
-    collate = RowCollator(0)
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate(pack(examples, 128)).items()}
+    from datasets import Dataset
+
+    ids = [list(range(10, 10 + n)) for n in (40, 17, 90, 3)]
+    rows = list(training_rows(Dataset.from_dict({"input_ids": ids, "labels": ids}), 128, packing=True))
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in RowCollator(0)(rows).items()}
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                    cu_seq_lens_q=batch["cu_seq_lens_q"], max_length_q=batch["max_length_q"]).logits.float()
     reference = _tiny_qwen2("sdpa")

@@ -1,4 +1,5 @@
-"""Packing: every example placed once, rows within bounds, and no attention across examples."""
+"""Packing (TRL's best-fit decreasing over our examples): every example placed once, rows within
+bounds, and no attention across examples through the collator."""
 
 from __future__ import annotations
 
@@ -6,29 +7,37 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubetune_trainer.data import IGNORE, Example
-from kubetune_trainer.packing import RowCollator, pack
+from datasets import Dataset
+
+from kubetune_trainer.data import IGNORE, training_rows
+from kubetune_trainer.packing import RowCollator
 
 
 def _examples(lengths):
-    out, token = [], 10
+    ids, token = [], 10
     for n in lengths:
-        ids = list(range(token, token + n))
+        ids.append(list(range(token, token + n)))
         token += n
-        out.append(Example(ids, ids[:], f"line {len(out) + 1}"))
-    return out
+    return ids
 
 
-@settings(max_examples=200, deadline=None)
+def pack(examples: list[list[int]], max_len: int) -> list[dict]:
+    """Rows as the trainer gets them, from examples whose labels are their tokens."""
+    data = Dataset.from_dict({"input_ids": examples, "labels": [e[:] for e in examples]})
+    return list(training_rows(data, max_len, packing=True))
+
+
+@settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=1, max_size=60), st.integers(64, 200))
 def test_pack_places_every_example_once_within_bounds(lengths, max_len):
     rows = pack(_examples(lengths), max_len)
-    assert all(len(r) <= max_len for r in rows)
-    seen = sorted(t for r in rows for t in r.input_ids)
-    assert seen == sorted(t for e in _examples(lengths) for t in e.input_ids)
-    for row in rows:
-        starts = [i for i, p in enumerate(row.position_ids) if p == 0]
-        assert all(row.labels[i] == IGNORE for i in starts)  # never predicted from the previous example
+    assert all(len(r["input_ids"]) <= max_len for r in rows)
+    seen = sorted(t for r in rows for t in r["input_ids"])
+    assert seen == sorted(t for e in _examples(lengths) for t in e)
+    assert sorted(r["row"] for r in rows) == list(range(len(rows)))
+    batch = RowCollator(pad_id=0)(rows)
+    starts = batch["position_ids"] == 0
+    assert batch["labels"][starts].eq(IGNORE).all()  # never predicted from the previous example
     # Best fit never leaves two rows at most half full (their contents would have fitted in one),
     # so all rows but one hold more than max_len / 2 tokens.
     assert (len(rows) - 1) * max_len / 2 < sum(lengths)
@@ -36,6 +45,7 @@ def test_pack_places_every_example_once_within_bounds(lengths, max_len):
 
 def test_collator_pads_as_a_separate_segment():
     rows = pack(_examples([5, 3]), 8) + pack(_examples([2]), 8)
+    assert [r["seq_lengths"] for r in rows] == [[5, 3], [2]]
     batch = RowCollator(pad_id=0, multiple_of=8)(rows)
     assert batch["input_ids"].shape == (2, 8)
     assert batch["position_ids"][1].tolist() == [0, 1, 0, 1, 2, 3, 4, 5]
@@ -58,17 +68,13 @@ def test_packed_row_loss_equals_separate_losses(smollm2_dir, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     texts = ["The invoice INV-1234 totals 99.50 EUR.", "Globex billed 12.00 USD.", "Hello there, how are you today?"]
-    examples = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        examples.append(Example(ids, ids[:], "t"))
+    examples = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     collate = RowCollator(tokenizer.pad_token_id, multiple_of=1)
     packed_rows = pack(examples, 256)
     assert len(packed_rows) == 1
     packed = _token_losses(model, collate(packed_rows))
-    separate = torch.cat([_token_losses(model, collate(pack([e], 256))) for e in
-                          sorted(examples, key=lambda e: -len(e.input_ids))])
-    # Same tokens scored in the same order (pack() keeps dataset order in a row; compare as multisets).
+    separate = torch.cat([_token_losses(model, collate(pack([e], 256))) for e in examples])
+    # The same tokens scored (a packed row's order is the packer's; compare as multisets).
     packed_valid = packed[packed != 0].sort().values
     separate_valid = separate[separate != 0].sort().values
     assert packed_valid.shape == separate_valid.shape

@@ -70,3 +70,13 @@ def test_dataset_from_s3_and_missing_dataset(s3_server, s3_bucket, tmp_path):
                         volume_root=tmp_path, cache_dir=tmp_path / "cache")
     with pytest.raises(ConfigError, match="pvc://claim/none.jsonl: no such file on the claim"):
         resolve_dataset("pvc://claim/none.jsonl", storage=None, volume_root=tmp_path, cache_dir=tmp_path)
+
+
+def test_dataset_prefix_of_shards_from_s3(s3_server, s3_bucket, tmp_path):
+    s3_bucket.put_bytes("data/shards/part-0001.jsonl", b'{"text": "a"}\n')
+    s3_bucket.put_bytes("data/shards/part-0000.jsonl", b'{"text": "b"}\n')
+    s3_bucket.put_bytes("data/shards-old/part-0000.jsonl", b'{"text": "not this one"}\n')
+    path = resolve_dataset(f"s3://{s3_bucket.bucket}/data/shards", storage=s3_server.config,
+                           volume_root=tmp_path, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in path.iterdir()) == ["part-0000.jsonl", "part-0001.jsonl"]
+    assert (path / "part-0001.jsonl").read_bytes() == b'{"text": "a"}\n'

@@ -80,3 +80,30 @@ def from_main(ranks: Ranks, value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def from_local_main(ranks: Ranks, value):
+    """The first non-None value the nodes' first processes hold, on every rank, once they all got
+    here (each node prepared its own copy of something, the others waited)."""
+    if not ranks.distributed:
+        return value
+    values = [None] * ranks.world_size
+    dist.all_gather_object(values, value if ranks.is_local_main else None)
+    return next((v for v in values if v is not None), None)
+
+
+def union_size(ranks: Ranks, items: set) -> int:
+    """How many distinct items all ranks hold together."""
+    if not ranks.distributed:
+        return len(items)
+    sets = [None] * ranks.world_size
+    dist.all_gather_object(sets, items)
+    return len(set().union(*sets))
+
+
+def total(ranks: Ranks, count: int) -> int:
+    if not ranks.distributed:
+        return count
+    values = [None] * ranks.world_size
+    dist.all_gather_object(values, count)
+    return sum(values)

@@ -9,23 +9,22 @@ import math
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from kubetune_trainer.data import Example
-from kubetune_trainer.packing import RowCollator, unpacked
+from kubetune_trainer.packing import RowCollator, example_rows
 
 
 @torch.no_grad()
-def holdout_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8) -> dict[str, float]:
-    """Mean loss over every loss-bearing hold-out token (not a mean of per-batch means)."""
-    if not examples:
+def holdout_loss(model, examples, pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """Mean loss over every loss-bearing hold-out token (not a mean of per-batch means).
+    examples: a `datasets.Dataset` of examples (input_ids, labels)."""
+    if not len(examples):
         return {}
     was_training = model.training
     model.eval()
     collate = RowCollator(pad_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    rows = unpacked(examples)
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size])
+    for part in examples.select_columns(["input_ids", "labels"]).iter(batch_size):
+        batch = collate(example_rows(part))
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits.float()
@@ -51,10 +50,14 @@ def _json_or_none(text: str):
 
 
 @torch.no_grad()
-def generation_metrics(model, tokenizer, examples: list[Example], *, max_samples: int, max_new_tokens: int,
+def generation_metrics(model, tokenizer, examples, *, max_samples: int, max_new_tokens: int,
                        batch_size: int = 8) -> dict[str, float]:
-    """Greedy answers to the hold-out prompts: exact match, JSON validity and JSON equality."""
-    chosen = [e for e in examples if e.reference][:max_samples]
+    """Greedy answers to the hold-out prompts: exact match, JSON validity and JSON equality.
+    examples: a `datasets.Dataset` of examples (prompt_text, reference)."""
+    chosen = []
+    for prompt, reference in zip(examples["prompt_text"], examples["reference"]):
+        if reference and len(chosen) < max_samples:
+            chosen.append((prompt, reference))
     if not chosen:
         return {}
     was_training = model.training
@@ -72,13 +75,13 @@ def generation_metrics(model, tokenizer, examples: list[Example], *, max_samples
         with gathered:
             for start in range(0, len(chosen), batch_size):
                 batch = chosen[start:start + batch_size]
-                enc = tokenizer([e.prompt_text for e in batch], add_special_tokens=False, return_tensors="pt",
+                enc = tokenizer([prompt for prompt, _ in batch], add_special_tokens=False, return_tensors="pt",
                                 padding=True).to(device)
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=sharded)
                 answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for example, answer in zip(batch, answers):
-                    answer, reference = answer.strip(), _clean(tokenizer, example.reference)
+                for (_, reference), answer in zip(batch, answers):
+                    answer, reference = answer.strip(), _clean(tokenizer, reference)
                     exact += answer == reference
                     parsed, expected = _json_or_none(answer), _json_or_none(reference)
                     valid += parsed is not None

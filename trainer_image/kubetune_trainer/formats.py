@@ -105,6 +105,7 @@ class Renderer:
         return spans if self.completion_only else [Span(s.text, True) for s in spans]
 
     def render(self, fmt: str, record: Record) -> list[Span]:
+        self.file = record.file or self.file  # a directory's part names itself in errors
         return _RENDER[fmt](self, record)
 
 

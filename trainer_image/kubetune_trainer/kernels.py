@@ -1,7 +1,7 @@
-"""Liger's fused Triton kernels on GPU: RMSNorm, SwiGLU, RoPE and, above all, the LM head fused
-with cross-entropy, which never materialises the (tokens x vocabulary) logits. On 150k-token
-vocabularies those logits and their fp32 gradient are the largest tensors of a LoRA step, so
-the planner counts them only when these kernels are off."""
+"""Liger's fused Triton kernels on GPU: RMSNorm, SwiGLU and RoPE. The LM head's loss is TRL's
+chunked log-probabilities (its fused LM head, which SFTTrainer adds), which never materialise the
+(tokens x vocabulary) logits either; Liger's own fused linear cross-entropy would replace the
+model's forward under it, so it stays off."""
 
 from __future__ import annotations
 
@@ -30,9 +30,8 @@ def apply_fused_kernels(model) -> bool:
     model_type = getattr(model.config, "model_type", None)
     if not fused_kernels_available(model_type):
         if torch.cuda.is_available():
-            log.warning("no fused kernels for model type %s (liger-kernel missing or no support): "
-                        "the LM head materialises full logits", model_type)
+            log.warning("no fused kernels for model type %s (liger-kernel missing or no support)", model_type)
         return False
-    _liger()._apply_liger_kernel_to_instance(model=model)
-    log.info("fused kernels (liger): rms_norm, swiglu, rope, fused linear cross-entropy")
+    _liger()._apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False)
+    log.info("fused kernels (liger): rms_norm, swiglu, rope")
     return True

@@ -22,7 +22,9 @@ from kubetune.api.meta import now_rfc3339
 from kubetune.contract import PROGRESS_ANNOTATION
 
 log = logging.getLogger("kubetune.progress")
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# The local executor runs the trainer as a process, which cannot see the pod's mounts at their
+# container paths: it says where the service-account volume is instead (as KUBETUNE_TERMINATION_LOG).
+SA_DIR = Path(os.environ.get("KUBETUNE_SERVICE_ACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount"))
 
 
 @dataclass
@@ -59,7 +61,9 @@ class FileChannel:
 class PodAnnotationChannel:
     """Merge-patches an annotation on this Pod through the Kubernetes API."""
 
-    def __init__(self, api_url: str, namespace: str, pod: str, token: str | None, ca_file: Path | None):
+    def __init__(self, api_url: str, namespace: str, pod: str, token: str | Path | None, ca_file: Path | None):
+        # A token file (the pod's service-account token) is re-read on every report: the kubelet
+        # rotates it, and bound tokens expire.
         self.url = f"{api_url.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{pod}"
         self.token = token
         self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
@@ -73,7 +77,7 @@ class PodAnnotationChannel:
         if not (pod and namespace and api):
             return None
         token_file = SA_DIR / "token"
-        token = token_file.read_text().strip() if token_file.exists() else None
+        token = token_file if token_file.exists() else None
         ca = SA_DIR / "ca.crt"
         return cls(api, namespace, pod, token, ca if api.startswith("https") and ca.exists() else None)
 
@@ -81,8 +85,9 @@ class PodAnnotationChannel:
         body = json.dumps({"metadata": {"annotations": {PROGRESS_ANNOTATION: payload}}}).encode()
         request = urllib.request.Request(self.url, data=body, method="PATCH",
                                          headers={"Content-Type": "application/merge-patch+json"})
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+        token = self.token.read_text().strip() if isinstance(self.token, Path) else self.token
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         with urllib.request.urlopen(request, timeout=10, context=self.context) as response:
             response.read()
 

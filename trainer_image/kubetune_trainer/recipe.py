@@ -2,9 +2,11 @@
 
 Features, and the spec fields that drive them:
 - base model from pvc://, s3:// (manifest-verified download, cached) or hf:// (allowHubDownloads);
-- datasets in JSONL/JSON/Parquet/CSV, formats alpaca/chat/prompt-completion/text/auto
-  (dataset.format), completion-only loss (dataset.completionOnlyLoss), seeded hold-out
-  (dataset.validationSplit), overlong policy (dataset.onOverlong);
+- datasets in JSONL/JSON/Parquet/CSV, a file or a directory of parts, formats
+  alpaca/chat/prompt-completion/text/auto (dataset.format), completion-only loss
+  (dataset.completionOnlyLoss), seeded hold-out (dataset.validationSplit), overlong policy
+  (dataset.onOverlong); prepared once per node and cached (kubetune_trainer.data);
+- TRL's SFTTrainer runs the training (kubetune_trainer.training);
 - QLoRA (4-bit NF4, double quantization, bf16 compute) or LoRA (method, quantization, lora.*);
 - packing without cross-example attention (training.packing);
 - checkpoints to the output location every checkpointEverySteps, resume from the newest complete
@@ -33,15 +35,14 @@ from kubetune_trainer.checkpoints import CheckpointStore, check_resumable
 from kubetune_trainer.data import PreparedData, prepare
 from kubetune_trainer.evaluation import generation_metrics, holdout_loss
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer, merge_adapter
-from kubetune_trainer.packing import pack, unpacked
 from kubetune_trainer.progress import FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
 from kubetune_trainer.runspec import RunSpec
 from kubetune_trainer.sources import ModelSource, resolve_dataset, resolve_model
-from kubetune_trainer.training import (PreemptionFlag, build_trainer, mean_train_loss, peak_memory_gib, plan_batches,
-                                       reset_peak_memory)
+from kubetune_trainer.training import (PreemptionFlag, build_trainer, coverage, mean_train_loss, peak_memory_gib,
+                                       plan_batches, reset_peak_memory)
 
 log = logging.getLogger(__name__)
-LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "kubetune")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "kubetune")
 
 
 @dataclass
@@ -117,10 +118,9 @@ class FineTuneRecipe:
             output.ensure_ready()
         source, data_path = self._setup_sources(storage)
         tokenizer = load_tokenizer(source.path)
-        data = prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer)
+        data = prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer,
+                       cache_dir=Path(self.run_info.cache_dir) / "datasets", ranks=self.ranks)
         log.info("dataset: %s", data.report.to_dict())
-        max_len = self.spec.training.max_seq_length
-        rows = pack(data.train, max_len) if self.spec.training.packing else unpacked(data.train)
         placement = Placement.detect()
         plan = plan_batches(self.spec, source.path, placement.device == "cuda", self.ranks.world_size)
         # Seed before LoRA's random init: a rerun of the same spec must start from the same weights.
@@ -138,7 +138,7 @@ class FineTuneRecipe:
             log.info("resuming from %s", resume[1])
         # The Trainer's model: under FSDP the wrapper (set once training starts) that gathers each layer.
         trainer, loop = build_trainer(
-            model, self.spec, rows, plan=plan, work_dir=self.work, pad_id=tokenizer.pad_token_id,
+            model, self.spec, data.rows, tokenizer=tokenizer, plan=plan, work_dir=self.work,
             callback_kwargs={"reporter": self.reporter, "store": store, "preemption": self.preemption,
                              "evaluate": lambda: holdout_loss(trainer.model, data.validation, tokenizer.pad_token_id),
                              "ranks": self.ranks})
@@ -146,6 +146,7 @@ class FineTuneRecipe:
         self.preemption.install()
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        seen = coverage(self.ranks, loop.counter)
         if loop.stopped_for_preemption:
             return RunResult(preempted=True)
 
@@ -161,7 +162,7 @@ class FineTuneRecipe:
                          "microBatchSize": plan.micro_batch_size,
                          "gradientAccumulationSteps": plan.gradient_accumulation_steps,
                          "gradientCheckpointing": plan.gradient_checkpointing, "sharded": plan.sharded,
-                         "rows": len(rows)}
+                         "rows": len(data.rows), **seen}
         self.reporter.report(ProgressReport("publishing", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss")), force=True)
         published = self._publish(output, final_dir, tokenizer, source, data, placement,

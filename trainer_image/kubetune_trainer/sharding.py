@@ -19,7 +19,7 @@ from peft import set_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from transformers import Trainer
+from trl import SFTTrainer
 
 from kubetune_trainer.errors import ConfigError
 
@@ -82,8 +82,8 @@ def _without_adapter_name(key: str, adapter: str) -> str:
     return f"{module}.{leaf}"
 
 
-class ShardedLoraTrainer(Trainer):
-    """transformers' Trainer for a plan that shards the base: writes the gathered adapter wherever
+class ShardedLoraTrainer(SFTTrainer):
+    """TRL's SFTTrainer for a plan that shards the base: writes the gathered adapter wherever
     the Trainer saves the model (checkpoints, the final save_model), and resumes from it."""
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

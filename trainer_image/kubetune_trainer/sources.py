@@ -78,12 +78,13 @@ def _from_hub(source: BaseModelSource, cache_dir: Path, allow_hub: bool) -> Mode
 
 
 def resolve_dataset(uri_text: str, *, storage: StorageConfig | None, volume_root: Path, cache_dir: Path) -> Path:
+    """The dataset on local disk: a file, or a directory holding the parts of a prefix of shards."""
     uri = parse_uri(uri_text)
     if uri.scheme == "hf":
         raise ConfigError(f"{uri_text}: hub datasets are not supported by this trainer; mirror it to s3:// or pvc://")
     if uri.scheme == "pvc":
         path = volume_root / uri.authority / uri.path
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"{uri_text}: no such file on the claim")
         return path
     parent_uri, _, name = str(uri).rpartition("/")
@@ -91,6 +92,13 @@ def resolve_dataset(uri_text: str, *, storage: StorageConfig | None, volume_root
     dest = cache_dir / "datasets" / _cache_key(uri_text) / name
     try:
         location.get_file(name, dest)
-    except ObjectMissing as exc:
-        raise ConfigError(f"{uri_text}: no such object") from exc
+        return dest
+    except ObjectMissing:
+        pass
+    # A prefix of shards: its parts (the reader picks the data files among them, in name order).
+    parts = [obj for obj in location.list(f"{name}/") if "/" not in obj.rel.removeprefix(f"{name}/")]
+    if not parts:
+        raise ConfigError(f"{uri_text}: no such object or prefix")
+    for obj in parts:
+        location.get_file(obj.rel, dest / obj.rel.removeprefix(f"{name}/"), size=obj.size)
     return dest

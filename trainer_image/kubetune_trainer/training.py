@@ -1,18 +1,24 @@
-"""The training loop: transformers' Trainer over packed rows, with our checkpoint store, progress
-reporting and preemption handling plugged in as callbacks."""
+"""The training loop: TRL's SFTTrainer over kubetune's prepared rows, with our checkpoint store,
+progress reporting and preemption handling plugged in as callbacks.
+
+What TRL does, it does here: the trainer loop, the chunked LM head that never builds the full
+logits (and its per-token loss), DDP and FSDP through transformers. What stays ours: the rows
+(prepared, packed and cached by kubetune_trainer.data, so TRL's own preparation is skipped), the
+collator that hands the varlen attention its example boundaries, the batch plan, checkpoints in
+object storage, progress and SIGTERM.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset as TorchDataset
-from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerState
+from trl import SFTConfig, SFTTrainer
 
 from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.planning import DoesNotFit, ModelShape, RunPlan, plan_run
@@ -21,33 +27,26 @@ from kubetune_trainer import distributed
 from kubetune_trainer.checkpoints import CheckpointStore
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels import fused_kernels_available
-from kubetune_trainer.packing import Row, RowCollator
+from kubetune_trainer.packing import RowCollator
 from kubetune_trainer.progress import ProgressReport, ProgressReporter
 from kubetune_trainer.sharding import FSDP_CONFIG, FSDP_MODEL_STATE, ShardedLoraTrainer
 
 log = logging.getLogger(__name__)
 
 
-class Rows(TorchDataset):
-    def __init__(self, rows: list[Row]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> Row:
-        return self.rows[i]
-
-
 class CountingCollator:
-    """Counts the loss-bearing tokens handed to the model, for tokens/s."""
+    """Counts the loss-bearing tokens handed to the model (for tokens/s) and the rows, by their
+    index, that this process trained on (for the epoch's coverage)."""
 
     def __init__(self, inner: RowCollator):
-        self.inner, self.loss_tokens = inner, 0
+        self.inner, self.loss_tokens, self.rows_seen = inner, 0, 0
+        self.distinct_rows: set[int] = set()
 
     def __call__(self, rows):
         batch = self.inner(rows)
         self.loss_tokens += int((batch["labels"][:, 1:] != -100).sum())
+        self.rows_seen += len(rows)
+        self.distinct_rows.update(int(r["row"]) for r in rows if "row" in r)
         return batch
 
 
@@ -145,24 +144,33 @@ class LoopCallback(TrainerCallback):
         self._report(state, force=True)
 
 
-def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: RunPlan, work_dir: Path,
-                  pad_id: int, callback_kwargs: dict) -> tuple[Trainer, LoopCallback]:
+def build_trainer(model, spec: FineTuneJobSpec, rows, *, tokenizer, plan: RunPlan, work_dir: Path,
+                  callback_kwargs: dict) -> tuple[SFTTrainer, LoopCallback]:
+    """rows: the prepared training rows (a `datasets.Dataset` of input_ids, labels, seq_lengths, row)."""
     t = spec.training
     on_gpu = next(model.parameters()).is_cuda
-    steps_per_epoch = math.ceil(len(rows) / (plan.micro_batch_size * plan.gradient_accumulation_steps))
-    total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
-    args = TrainingArguments(
+    args = SFTConfig(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        max_steps=total,
+        # Without maxSteps the Trainer counts an epoch's steps from its sharded dataloader, which
+        # knows each optimizer step takes a batch from every process.
+        max_steps=t.max_steps or -1,
+        num_train_epochs=t.epochs,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=int(total * t.warmup_ratio),
+        warmup_steps=t.warmup_ratio,  # below 1: a fraction of the run's steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         bf16=on_gpu,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=t.max_seq_length,
+        # The rows are kubetune's: read and checked with errors naming file and line, tokenized,
+        # truncated and packed once per node, and cached (kubetune_trainer.data).
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
         logging_steps=1,
         # The NaN/inf filter reads every micro-batch's loss on the CPU (a GPU sync each time); a
         # diverging run should show its NaN in the logged loss anyway, not be averaged around it.
@@ -180,12 +188,18 @@ def build_trainer(model, spec: FineTuneJobSpec, rows: list[Row], *, plan: RunPla
         use_cpu=not on_gpu,
         **({"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if plan.sharded else {}),
     )
-    counter = CountingCollator(RowCollator(pad_id))
+    counter = CountingCollator(RowCollator(tokenizer.pad_token_id))
     callback = LoopCallback(counter=counter, sharded=plan.sharded, **callback_kwargs)
-    trainer_class = ShardedLoraTrainer if plan.sharded else Trainer
-    trainer = trainer_class(model=model, args=args, train_dataset=Rows(rows), data_collator=counter,
-                            callbacks=[callback])
+    trainer_class = ShardedLoraTrainer if plan.sharded else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=counter,
+                            processing_class=tokenizer, callbacks=[callback])
     return trainer, callback
+
+
+def coverage(ranks: distributed.Ranks, counter: CountingCollator) -> dict[str, int]:
+    """Rows handed to the model by all processes in this attempt, and how many distinct ones."""
+    return {"rowsSeen": distributed.total(ranks, counter.rows_seen),
+            "distinctRowsSeen": distributed.union_size(ranks, counter.distinct_rows)}
 
 
 def mean_train_loss(state: TrainerState) -> float:

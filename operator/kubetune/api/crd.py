@@ -7,6 +7,7 @@ exclusive bounds to OpenAPI 3.0's boolean form, and drops what structural schema
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,22 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], *, keep_defaults: bo
             out[key] = value
     if out.get("x-kubernetes-preserve-unknown-fields"):
         out.pop("additionalProperties", None)
+    for bound, exclusive, comparison, words in (("maximum", "exclusiveMaximum", "<", "less than"),
+                                                 ("minimum", "exclusiveMinimum", ">", "greater than")):
+        value = out.get(bound)
+        if isinstance(value, float) and not value.is_integer():
+            # kube-openapi checks an integral value against int64(bound): `validationSplit: 0` under
+            # an exclusive maximum of 0.5 becomes 0 < 0 and is refused. The schema keeps the bound,
+            # inclusive (never wrong then for integers); a CEL rule states it exactly.
+            strict = out.pop(exclusive, False)
+            out.setdefault("x-kubernetes-validations", []).append({
+                "rule": f"self {comparison}{'' if strict else '='} {value!r}",
+                "message": f"must be {words} {'' if strict else 'or equal to '}{value!r}"})
+    if out.get("default") == {} and "properties" in out:
+        # kube-apiserver checks a default against the object's own CEL rules without applying the
+        # defaults nested in it: `{}` would fail a rule reading a defaulted field (lora.targetModules).
+        out["default"] = {name: copy.deepcopy(sub["default"]) for name, sub in out["properties"].items()
+                          if "default" in sub}
     return out
 
 
@@ -72,8 +89,12 @@ def open_api_schema(kind: type[Resource]) -> dict[str, Any]:
             "status": _structural(props["status"], defs, keep_defaults=False),
         },
     }
-    if kind.crd_root_rules:
-        schema["x-kubernetes-validations"] = [dict(r) for r in kind.crd_root_rules]
+    # Rules on the resource itself (its name) carry no fieldPath: the API server accepts only paths
+    # its structural schema declares, and ours does not spell out metadata.
+    root_rules = [{k: v for k, v in r.to_crd().items() if k != "fieldPath"} for r in kind.rules]
+    root_rules += [dict(r) for r in kind.crd_root_rules]
+    if root_rules:
+        schema["x-kubernetes-validations"] = root_rules
     return schema
 
 

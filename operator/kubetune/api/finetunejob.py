@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from kubetune.api.fields import Sha256, StorageUriStr
 from kubetune.api.meta import (CONDITIONS_SCHEMA_EXTRA, DEFAULT_EMPTY, DNS1123_LABEL, DNS1123_SUBDOMAIN, QUANTITY, ApiModel,
                                Condition, Rule, SecretRef)
-from kubetune.api.resource import Resource
+from kubetune.api.resource import Resource, name_fits_label
 
 Method = Literal["qlora", "lora"]
 DatasetFormat = Literal["auto", "alpaca", "chat", "prompt-completion", "text"]
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
+MAX_NESTING = 32  # a core/v1 Affinity nests about 8 levels; deeper is no affinity, and breaks deep copies
+
+
+def _nesting_depth(value: Any) -> int:
+    """Depth of nested mappings and lists, counted without recursion: the point is to refuse
+    documents too deep for recursive code (deep copies, JSON encoders) before any of it runs."""
+    depth, level = 0, [v for v in [value] if isinstance(v, (dict, list))]
+    while level and depth <= MAX_NESTING:  # past the limit, how much deeper does not matter
+        depth += 1
+        level = [v for item in level for v in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(v, (dict, list))]
+    return depth
+
+
+def _shallow(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and _nesting_depth(value) > MAX_NESTING:
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+    return value
 
 
 class BaseModelSource(ApiModel):
@@ -110,7 +128,7 @@ class Resources(ApiModel):
     memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory request and limit per pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
-    affinity: dict[str, Any] | None = Field(
+    affinity: Annotated[dict[str, Any] | None, AfterValidator(_shallow)] = Field(
         default=None, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
         description="A core/v1 Affinity, passed to the pod as is.")
     priority_class_name: str | None = Field(default=None, pattern=DNS1123_SUBDOMAIN, max_length=253)
@@ -124,8 +142,9 @@ class Resources(ApiModel):
 class Output(ApiModel):
     uri: StorageUriStr = Field(description="Prefix the run writes under: s3://bucket/prefix or pvc://claim/path.")
     merge: bool = Field(default=True, description="Also write the base model with the adapter merged in (bf16).")
-    adapter_name: str | None = Field(default=None, pattern=DNS1123_SUBDOMAIN, max_length=253,
-                                     description="Name of the LoraAdapter created on success; the job's name if unset.")
+    adapter_name: str | None = Field(default=None, pattern=DNS1123_SUBDOMAIN, max_length=63,
+                                     description="Name of the LoraAdapter created on success (a re-run, or another "
+                                     "job with the same name, adds version NAME-vN); the job's name if unset.")
     keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Checkpoints kept; older ones are deleted.")
     rules: ClassVar = (
         Rule("uri", "output cannot be written to the hub: use s3:// or pvc://",
@@ -220,15 +239,24 @@ class AdapterRef(ApiModel):
     uri: str | None = None
 
 
+class CountedPod(ApiModel):
+    uid: str = Field(max_length=128)
+    outcome: Literal["Ran", "Failed", "Preempted", "Succeeded"]
+
+
 class FineTuneJobStatus(ApiModel):
     phase: Phase = "Pending"
     message: str = Field(default="", max_length=32768)
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_SCHEMA_EXTRA)
     progress: Progress | None = None
-    attempts: int = Field(default=0, ge=0, description="Pods started that failed or were preempted, plus the current one.")
+    attempts: int = Field(default=0, ge=0, description="Pods that ran (failed, preempted, succeeded or running), "
+                          "each counted once; never decreases.")
     failures: int = Field(default=0, ge=0, description="Attempts that counted against backoffLimit.")
     preemptions: int = Field(default=0, ge=0)
+    counted_pods: list[CountedPod] = Field(
+        default_factory=list, max_length=1000,
+        description="Existing pods already counted in attempts, failures and preemptions: the counters only grow.")
     job_name: str | None = None
     last_checkpoint: str | None = None
     adapter_ref: AdapterRef | None = None
@@ -249,6 +277,7 @@ class FineTuneJob(Resource[FineTuneJobSpec, FineTuneJobStatus]):
         {"name": "Adapter", "type": "string", "jsonPath": ".status.adapterRef.name"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )
+    rules: ClassVar = (name_fits_label("kubetune.dev/finetunejob"),)
     crd_root_rules: ClassVar[tuple[dict, ...]] = (
         {"rule": "!has(oldSelf.status) || !has(oldSelf.status.startTime) || ("
                  + " && ".join(f"(has(self.spec.{f}) == has(oldSelf.spec.{f}) && (!has(self.spec.{f}) || "

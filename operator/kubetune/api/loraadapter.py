@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -9,7 +10,7 @@ from pydantic import Field
 from kubetune.api.fields import Sha256, StorageUriStr
 from kubetune.api.finetunejob import BaseModelSource, Storage
 from kubetune.api.meta import CONDITIONS_SCHEMA_EXTRA, DEFAULT_EMPTY, DNS1123_SUBDOMAIN, QUANTITY, ApiModel, Condition, Rule
-from kubetune.api.resource import Resource
+from kubetune.api.resource import Resource, name_fits_label
 
 Stage = Literal["candidate", "production", "archived"]
 AdapterPhase = Literal["Pending", "Verifying", "Merging", "Ready", "Failed"]
@@ -19,6 +20,13 @@ class Artifact(ApiModel):
     uri: StorageUriStr = Field(description="Prefix holding manifest.json and the adapter/ files.")
     manifest_sha256: Sha256 | None = Field(default=None, description="Expected sha256 of manifest.json.")
     size_bytes: int | None = Field(default=None, ge=0, description="Total size of the files the manifest lists.")
+    rules: ClassVar = (
+        # A bucket or claim root is never one run's artifact: verifying or deleting "it" would
+        # reach every run stored there.
+        Rule("uri", "must name a prefix inside the bucket or claim, not its root",
+             "self.uri.startsWith('hf://') || self.uri.matches('^[a-z0-9]+://[^/]+/[^/]')",
+             lambda s: s.uri.startswith("hf://") or re.match(r"^[a-z0-9]+://[^/]+/[^/]", s.uri) is not None),
+    )
 
 
 class Merge(ApiModel):
@@ -82,6 +90,12 @@ class LoraAdapterStatus(ApiModel):
     adapter_uri: str | None = None
     merged_model_uri: str | None = None
     serving: dict[str, str] = Field(default_factory=dict, description="How to serve it (vLLM, peft).")
+    verified_manifest_sha256: str | None = Field(
+        default=None, description="sha256 of the run manifest last verified: deletionPolicy Delete removes what "
+        "that manifest lists, and nothing if the manifest changed since.")
+    artifact_fingerprint: str | None = Field(
+        default=None, description="sha256 over the manifest's sha256 and the listed objects' sizes and ETags at "
+        "verification; the periodic re-verification compares it with a fresh listing.")
 
 
 class LoraAdapter(Resource[LoraAdapterSpec, LoraAdapterStatus]):
@@ -96,3 +110,5 @@ class LoraAdapter(Resource[LoraAdapterSpec, LoraAdapterStatus]):
         {"name": "Artifact", "type": "string", "jsonPath": ".spec.artifact.uri"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )
+    # Its name labels its merge Job's pods (kubetune.dev/loraadapter).
+    rules: ClassVar = (name_fits_label("kubetune.dev/loraadapter"),)

@@ -6,10 +6,20 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import ConfigDict, Field
 
-from kubetune.api.meta import API_VERSION, DNS1123_SUBDOMAIN, ApiModel
+from kubetune.api.meta import API_VERSION, DNS1123_SUBDOMAIN, ApiModel, Rule
 
 SpecT = TypeVar("SpecT", bound=ApiModel)
 StatusT = TypeVar("StatusT", bound=ApiModel)
+
+
+LABEL_VALUE_MAX = 63
+
+
+def name_fits_label(label: str) -> Rule:
+    """A root rule: the resource's name becomes the value of `label`, which Kubernetes limits to 63
+    characters. Refused at admission rather than shortened, so that `-l label=NAME` finds what NAME runs."""
+    return Rule("metadata.name", f"must be at most {LABEL_VALUE_MAX} characters (it is the value of the {label} label)",
+                f"size(self.metadata.name) <= {LABEL_VALUE_MAX}", lambda r: len(r.metadata.name) <= LABEL_VALUE_MAX)
 
 
 class ObjectMeta(ApiModel):

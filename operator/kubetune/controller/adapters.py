@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,21 @@ from kubetune.api.loraadapter import Threshold
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.uris import parse_uri
 from kubetune.api.validation import validate_object
+from kubetune.controller.artifacts import RUN_MANIFEST, UnsafeManifest, deletion_keys, fingerprint
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.controller.merging import LABEL_ADAPTER_OWNER, build_merge_objects, merge_job_name
 from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.secrets import NotReady, storage_config
 from kubetune.controller.settings import OperatorSettings
-from kubetune.controller.status import failure_message, set_condition
+from kubetune.controller.status import MESSAGE_LIMIT, capped, failure_message, join_problems, set_condition
 from kubetune.storage.client import StorageUnavailable
-from kubetune.storage.location import ObjectMissing, open_location
+from kubetune.storage.location import Location, ObjectMissing, open_location
 from kubetune.storage.manifest import MANIFEST, Manifest, verify
 
 LABEL_ADAPTER = "kubetune.dev/adapter"
 LABEL_STAGE = "kubetune.dev/stage"
 MERGED = "merged"  # where a merge Job publishes, under the artifact
+MODEL_MANIFEST = "ModelManifest"  # what a merge Job publishes
 
 
 def adapter_path(namespace: str, name: str, sub: str | None = None) -> str:
@@ -70,16 +73,52 @@ def serving_hints(name: str, adapter_uri: str, base_uri: str) -> dict[str, str]:
     }
 
 
-def _verify(uri: str, storage, expected_sha256: str | None) -> tuple[Manifest, list[str]]:
-    location = open_location(uri, storage=storage, volume_root=Path("/nonexistent"), retry_budget_s=30)
+@dataclass
+class Verification:
+    manifest: Manifest
+    problems: list[str]
+    reason: str = "ChecksumsMatch"  # or ChecksumMismatch, NotARunManifest
+    manifest_sha256: str = ""
+    fingerprint: str = ""
+
+
+def _location(uri: str, storage, retry_budget_s: float = 30) -> Location:
+    return open_location(uri, storage=storage, volume_root=Path("/nonexistent"), retry_budget_s=retry_budget_s)
+
+
+def _verify(uri: str, storage, expected_sha256: str | None, kind: str = RUN_MANIFEST) -> Verification:
+    location = _location(uri, storage)
     try:
         data = location.get_bytes(MANIFEST)
     except ObjectMissing:
-        return Manifest("RunManifest", []), [f"{MANIFEST}: missing"]
-    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        return Manifest.from_json(data), [f"{MANIFEST}: sha256 differs from spec.artifact.manifestSha256"]
-    manifest = Manifest.from_json(data)
-    return manifest, verify(location, manifest)
+        return Verification(Manifest(kind, []), [f"{MANIFEST}: missing"], "ChecksumMismatch")
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 and digest != expected_sha256:
+        return Verification(Manifest(kind, []), [f"{MANIFEST}: sha256 differs from spec.artifact.manifestSha256"],
+                            "ChecksumMismatch", digest)
+    try:
+        manifest = Manifest.from_json(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        return Verification(Manifest(kind, []), [f"{MANIFEST}: not a manifest ({exc})"], "ChecksumMismatch", digest)
+    if manifest.kind != kind:
+        # A model copy or a checkpoint has a manifest too: verifying it as an adapter would make
+        # the adapter own (and, with deletionPolicy Delete, delete) what another resource uses.
+        return Verification(manifest, [f"{MANIFEST} is a {manifest.kind}, not a {kind}"], "NotARunManifest", digest)
+    problems = verify(location, manifest)
+    return Verification(manifest, problems, "ChecksumMismatch" if problems else "ChecksumsMatch", digest,
+                        "" if problems else fingerprint(digest, manifest.files, location.list()))
+
+
+def _unchanged(uri: str, storage, expected: str) -> bool:
+    """The periodic check: the manifest's sha256 and the listing's sizes and ETags, no download of
+    the files themselves."""
+    location = _location(uri, storage)
+    try:
+        data = location.get_bytes(MANIFEST)
+        manifest = Manifest.from_json(data)
+    except (ObjectMissing, ValueError, KeyError, TypeError):
+        return False
+    return fingerprint(hashlib.sha256(data).hexdigest(), manifest.files, location.list()) == expected
 
 
 async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body: dict) -> None:
@@ -93,7 +132,7 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
 
     resource, problems = validate_object({k: v for k, v in body.items() if k != "status"})
     if problems:
-        message = "; ".join(f"{p.path}: {p.message}" for p in problems)
+        message = join_problems([f"{p.path}: {p.message}" for p in problems])
         conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message, generation, now)
         await write({"phase": "Failed", "message": message, "conditions": conditions})
         kopf.warn(body, reason="InvalidSpec", message=message)
@@ -111,8 +150,7 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
             await write({"phase": "Verifying"})
             try:
                 storage = await storage_config(client, namespace, spec.storage)
-                manifest, problems = await asyncio.to_thread(_verify, spec.artifact.uri, storage,
-                                                             spec.artifact.manifest_sha256)
+                checked = await asyncio.to_thread(_verify, spec.artifact.uri, storage, spec.artifact.manifest_sha256)
             except (NotReady, StorageUnavailable) as exc:
                 reason, message = (exc.reason, exc.message) if isinstance(exc, NotReady) else (
                     "StorageUnavailable", str(exc))
@@ -120,12 +158,16 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
                 await write({"phase": "Pending", "message": message, "conditions": conditions})
                 kopf.warn(body, reason=reason, message=message)
                 raise kopf.TemporaryError(message, delay=10) from exc
-            if problems:
-                message = "artifact does not match its manifest: " + "; ".join(problems)
-                conditions = set_condition(conditions, "Verified", "False", "ChecksumMismatch", message,
+            manifest = checked.manifest
+            if checked.problems:
+                message = join_problems(checked.problems, MESSAGE_LIMIT - 64)
+                message = ("artifact does not match its manifest: " if checked.reason == "ChecksumMismatch"
+                           else "artifact is not a run's: ") + message
+                conditions = set_condition(conditions, "Verified", "False", checked.reason, message,
                                            generation, now)
                 conditions = set_condition(conditions, "Ready", "False", "NotVerified", message, generation, now)
-                await write({"phase": "Failed", "message": message, "conditions": conditions})
+                demoted = await _demote_failed(client, body, status)
+                await write({"phase": "Failed", "message": capped(message), "conditions": conditions, **demoted})
                 kopf.warn(body, reason="VerificationFailed", message=message)
                 return
             conditions = set_condition(conditions, "Verified", "True", "ChecksumsMatch",
@@ -136,6 +178,7 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
             layout = manifest.metadata.get("layout") or {}
             adapter_uri = f"{spec.artifact.uri}/{layout.get('adapter') or 'adapter'}"
             patch |= {"metrics": run_metrics(manifest), "adapterUri": adapter_uri,
+                      "verifiedManifestSha256": checked.manifest_sha256, "artifactFingerprint": checked.fingerprint,
                       "lineage": {k: lineage.get(k) for k in ("fineTuneJob", "datasetUri", "datasetSha256",
                                                               "baseModelUri", "baseModelRevision", "trainerImage")},
                       "serving": serving_hints(spec.adapter_name or name, adapter_uri, spec.base_model.uri)}
@@ -170,7 +213,8 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
     problems: list[str] = []
     if parse_uri(merged_uri).scheme == "s3":
         storage = await storage_config(client, namespace, adapter.spec.storage)
-        manifest, problems = await asyncio.to_thread(_verify, merged_uri, storage, None)
+        checked = await asyncio.to_thread(_verify, merged_uri, storage, None, MODEL_MANIFEST)
+        manifest, problems = checked.manifest, checked.problems
         if not problems:
             message = f"{len(manifest.files)} files, {manifest.total_size:,d} bytes match their sha256"
             return merged_uri, set_condition(conditions, "Merged", "True", "MergedModelVerified", message,
@@ -203,19 +247,42 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
     return None, conditions
 
 
+def stage_decision(requested: str, current: str, gate: list[Threshold],
+                   metrics: dict[str, float]) -> tuple[str, list[str]]:
+    """The stage in force and the gate's objections: production is entered, and kept, only while
+    the gate passes; a gate tightened after promotion sends the adapter back to candidate."""
+    problems = gate_violations(gate, metrics) if requested == "production" else []
+    if problems:
+        return ("candidate" if current == "production" else current), problems
+    return requested, []
+
+
 def _promote(requested: str, current: str, gate: list[Threshold], metrics: dict[str, float], conditions: list[dict],
              generation: int | None, now: str, body: dict) -> tuple[str, list[dict]]:
-    """The stage in force: the requested one, unless promotion to production fails the gate."""
-    if requested == "production" and current != "production":
-        problems = gate_violations(gate, metrics)
-        if problems:
-            message = f"promotion to production blocked, stays {current}: " + "; ".join(problems)
-            if next((c for c in conditions if c["type"] == "Promoted" and c.get("message") == message), None) is None:
-                kopf.warn(body, reason="PromotionBlocked", message=message)
-            return current, set_condition(conditions, "Promoted", "False", "GateBlocked", message, generation, now)
-    if requested != current:
-        kopf.info(body, reason="Promoted", message=f"{current} -> {requested}")
-    return requested, set_condition(conditions, "Promoted", "True", "StageSet", f"stage {requested}", generation, now)
+    stage, problems = stage_decision(requested, current, gate, metrics)
+    if problems:
+        verb = "demoted to" if current == "production" else "promotion to production blocked, stays"
+        message = f"{verb} {stage}: " + "; ".join(problems)
+        if next((c for c in conditions if c["type"] == "Promoted" and c.get("message") == message), None) is None:
+            kopf.warn(body, reason="Demoted" if current == "production" else "PromotionBlocked", message=message)
+        return stage, set_condition(conditions, "Promoted", "False", "GateBlocked", message, generation, now)
+    if stage != current:
+        kopf.info(body, reason="Promoted", message=f"{current} -> {stage}")
+    return stage, set_condition(conditions, "Promoted", "True", "StageSet", f"stage {stage}", generation, now)
+
+
+async def _demote_failed(client: KubeClient, body: dict, status: dict) -> dict[str, Any]:
+    """A production adapter that fails verification leaves production at once: its stage label goes
+    (so `-l kubetune.dev/stage=production` no longer finds it) and its stage in force is cleared;
+    passing verification again re-applies the gate. The status fields to write."""
+    meta = body["metadata"]
+    labels = meta.get("labels") or {}
+    if labels.get(LABEL_STAGE) != "production" and status.get("stage") != "production":
+        return {}
+    await client.patch(adapter_path(meta["namespace"], meta["name"]), {"metadata": {"labels": {LABEL_STAGE: None}}})
+    kopf.warn(body, reason="Demoted", message="production -> none: the artifact failed verification; "
+                                              "it is promoted again only once it verifies and passes its gate")
+    return {"stage": None}
 
 
 def adapters_table(adapters: list[dict], *, production_only: bool = False) -> str:
@@ -234,15 +301,68 @@ def adapters_table(adapters: list[dict], *, production_only: bool = False) -> st
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:5], widths)) + "  " + line[5] for line in lines)
 
 
+def _verified(status: dict) -> bool:
+    return any(c.get("type") == "Verified" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _delete_owned(uri: str, storage, verified_sha256: str) -> tuple[int, str]:
+    """Delete what the verified run manifest lists, the manifest first; (objects removed, why
+    nothing was removed)."""
+    location = _location(uri, storage, retry_budget_s=120)
+    try:
+        data = location.get_bytes(MANIFEST)
+    except ObjectMissing:
+        return 0, f"{uri}/{MANIFEST} is gone, so what it listed is unknown"
+    if hashlib.sha256(data).hexdigest() != verified_sha256:
+        return 0, f"{uri}/{MANIFEST} changed since it was verified"
+    try:
+        keys = deletion_keys(Manifest.from_json(data))
+    except UnsafeManifest as exc:
+        return 0, str(exc)
+    # The manifest alone first: from then on no reader trusts what remains, even if the rest fails.
+    removed = location.delete_keys(keys[:1])
+    return removed + location.delete_keys(keys[1:]), ""
+
+
 async def delete_artifacts(client: KubeClient, body: dict) -> None:
-    """deletionPolicy Delete: the run's objects go with the resource (Retain keeps them)."""
-    spec = body.get("spec") or {}
-    if spec.get("deletionPolicy") != "Delete" or not str((spec.get("artifact") or {}).get("uri", "")).startswith("s3://"):
+    """deletionPolicy Delete: the objects the adapter's verified run manifest lists go with the
+    resource, and nothing else (Retain keeps them; an adapter that never verified owns nothing)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    uri = str((spec.get("artifact") or {}).get("uri", ""))
+    if spec.get("deletionPolicy") != "Delete" or not uri.startswith("s3://"):
         return
-    adapter = LoraAdapter.model_validate(body)
+    verified_sha256 = status.get("verifiedManifestSha256")
+    if not (_verified(status) and verified_sha256):
+        kopf.warn(body, reason="ArtifactsRetained", message=f"nothing under {uri} was deleted: the artifact never "
+                                                            "verified as this adapter's run")
+        return
+    adapter = LoraAdapter.model_validate({k: v for k, v in body.items() if k != "status"})
     storage = await storage_config(client, body["metadata"]["namespace"], adapter.spec.storage)
-    location = open_location(adapter.spec.artifact.uri, storage=storage, volume_root=Path("/nonexistent"))
-    # The manifest first: from then on no reader trusts what remains, even if the rest fails half-way.
-    removed = await asyncio.to_thread(location.delete_prefix, MANIFEST)
-    removed += await asyncio.to_thread(location.delete_prefix, "")
-    kopf.info(body, reason="ArtifactsDeleted", message=f"deleted {removed} objects under {adapter.spec.artifact.uri}")
+    removed, refused = await asyncio.to_thread(_delete_owned, uri, storage, verified_sha256)
+    if refused:
+        kopf.warn(body, reason="ArtifactsRetained", message=f"nothing under {uri} was deleted: {refused}")
+    else:
+        kopf.info(body, reason="ArtifactsDeleted", message=f"deleted {removed} objects of {uri}'s run manifest")
+
+
+async def recheck_adapter(client: KubeClient, settings: OperatorSettings, body: dict) -> None:
+    """The periodic re-verification of a Ready adapter: if the manifest or a listed object changed
+    since verification, verify in full again (which fails, and demotes, if the content is wrong)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    uri = str((spec.get("artifact") or {}).get("uri", ""))
+    if status.get("phase") != "Ready" or not status.get("artifactFingerprint") or not uri.startswith("s3://"):
+        return
+    adapter = LoraAdapter.model_validate({k: v for k, v in body.items() if k != "status"})
+    meta = body["metadata"]
+    storage = await storage_config(client, meta["namespace"], adapter.spec.storage)
+    if await asyncio.to_thread(_unchanged, uri, storage, status["artifactFingerprint"]):
+        return
+    message = "the manifest or a file it lists changed since verification: verifying again"
+    kopf.info(body, reason="ArtifactChanged", message=message)
+    conditions = set_condition(status.get("conditions") or [], "Verified", "Unknown", "ArtifactChanged", message,
+                               meta.get("generation"), now_rfc3339())
+    await write_adapter_status(client, meta["namespace"], meta["name"], meta.get("generation"),
+                               {"conditions": conditions})
+    fresh = await client.get(adapter_path(meta["namespace"], meta["name"]))
+    if fresh is not None and not fresh["metadata"].get("deletionTimestamp"):
+        await reconcile_adapter(client, settings, fresh)

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sys
 
 import kopf
 
@@ -13,23 +14,28 @@ from kubetune.api import GROUP, VERSION
 from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
 from kubetune.controller.kube import TRANSIENT_STATUS, ApiError, KubeClient, KubeConfig
 from kubetune.controller import metrics
-from kubetune.controller.adapters import adapter_path, delete_artifacts, reconcile_adapter
+from kubetune.controller.adapters import adapter_path, delete_artifacts, recheck_adapter, reconcile_adapter
 from kubetune.controller.merging import LABEL_ADAPTER_OWNER
 from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
 from kubetune.controller.settings import OperatorSettings
 
 OURS = {LABEL_MANAGED: MANAGER}
+RECURSION_LIMIT = 25_000  # enough for 10,000 levels through deepcopy and JSON patches
 
 
 @kopf.on.login()
 def login(**_) -> kopf.ConnectionInfo:
-    config = KubeConfig.load()
-    return kopf.ConnectionInfo(server=config.server, token=config.token, ca_path=config.ca_file,
-                               insecure=config.insecure)
+    # Kopf calls this again whenever the API server answers 401: a rotated token is picked up then.
+    return KubeConfig.load().kopf_connection()
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # The API server accepts JSON nested up to 10,000 levels (apimachinery's limit), for instance in a
+    # preserve-unknown-fields subtree; Kopf copies and diffs every object recursively before any
+    # handler runs, so with Python's default limit (1,000) such an object would crash its processing
+    # and never get the status that refuses it. Python frames do not use the C stack (3.11+).
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
     # Kopf's bookkeeping goes to annotations: status belongs to the operator's own writes only.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.dev")
@@ -64,7 +70,7 @@ async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         with metrics.reconciling("FineTuneJob"), _transient_api_errors():
-            await reconcile(memo.client, memo.settings, body)
+            await reconcile(memo.client, memo.settings, body, memo.locks["admission", namespace])
 
 
 @kopf.on.cleanup()
@@ -125,6 +131,23 @@ async def _adapter_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
             return
         with metrics.reconciling("LoraAdapter"), _transient_api_errors():
             await reconcile_adapter(memo.client, memo.settings, body)
+
+
+@kopf.daemon(GROUP, VERSION, "loraadapters", cancellation_timeout=5)
+async def adapter_rechecked(namespace: str, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_) -> None:
+    """Every KUBETUNE_REVERIFY_SECONDS: a Ready adapter's artifact is listed and compared with what
+    was verified (cheap: no download); a change triggers a full verification."""
+    interval = memo.settings.reverify_seconds
+    while interval and not stopped:
+        await stopped.wait(interval)
+        if stopped:
+            return
+        async with memo.locks["loraadapters", namespace, name]:
+            body = await memo.client.get(adapter_path(namespace, name))
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            with metrics.reconciling("LoraAdapter"), _transient_api_errors():
+                await recheck_adapter(memo.client, memo.settings, body)
 
 
 @kopf.on.delete(GROUP, VERSION, "loraadapters")

@@ -3,25 +3,29 @@ record what was observed. Idempotent: running it twice, or after a restart, chan
 
 from __future__ import annotations
 
+import asyncio
 import json
+from dataclasses import replace
 from typing import Any
 
 import kopf
 
 from kubetune.api import API_VERSION, FineTuneJob
-from kubetune.api.finetunejob import FineTuneJobSpec, changed_immutable_fields
+from kubetune.api.finetunejob import IMMUTABLE_AFTER_START, FineTuneJobSpec, changed_immutable_fields
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import validate_object
 from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, build_rendezvous_service,
-                                     configmap_name, job_name, multi_node, run_output_uri)
+                                     configmap_name, job_name, multi_node)
 from kubetune.controller import metrics
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.planning import plan_job
+from kubetune.controller.registry import ensure_adapter
 from kubetune.controller.secrets import NotReady
 from kubetune.controller.settings import OperatorSettings
 from kubetune.planning import DoesNotFit
-from kubetune.controller.status import TERMINAL, Observation, broken_group, observe, set_condition, status_patch
+from kubetune.controller.status import (TERMINAL, Counters, Observation, broken_group, count_pods, join_problems,
+                                       merge_patch_changes, observe, set_condition, settle_phase, status_patch)
 
 FTJ_PLURAL = "finetunejobs"
 NOT_READY_RETRY_S = 5  # a missing Secret or an unreachable store is looked at again this often
@@ -32,8 +36,12 @@ def ftj_path(namespace: str, name: str, sub: str | None = None) -> str:
 
 
 async def write_status(client: KubeClient, body: dict, patch: dict[str, Any]) -> None:
+    """Write a status patch, unless it would change nothing: concurrent events often reconcile to
+    the same status, and each needless write races with whatever else changes the object (Kopf
+    removing its finalizer tests the resourceVersion it read)."""
     meta = body["metadata"]
-    await client.patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
+    if merge_patch_changes(body.get("status") or {}, patch):
+        await client.patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
     if "phase" in patch:
         metrics.phase_recorded(meta["namespace"], meta["name"], patch["phase"])
 
@@ -51,13 +59,60 @@ async def _ahead_of(client: KubeClient, namespace: str, name: str, created: str)
     return running + earlier
 
 
-async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) -> None:
+def _job_ran(job: dict | None) -> bool:
+    """The Job controller counted a finished pod: even if that pod is gone, a pod ran."""
+    status = (job or {}).get("status") or {}
+    return bool(status.get("succeeded") or status.get("failed") or status.get("completionTime"))
+
+
+def _spec_for_run(data: str) -> dict[str, Any]:
+    """A run spec (ConfigMap data) without spec.suspend, which the Job carries instead."""
+    run = json.loads(data)
+    run["spec"].pop("suspend", None)
+    return run
+
+
+def spec_drifted(actual: dict, desired: dict) -> bool:
+    return _spec_for_run(actual["data"][SPEC_FILE]) != _spec_for_run(desired["data"][SPEC_FILE])
+
+
+def with_running_fields(ftj: FineTuneJob, running: FineTuneJobSpec) -> FineTuneJob:
+    """The job as it runs: the training fields it started with, the others (suspend, ...) as now."""
+    now, before = (s.model_dump(by_alias=True, mode="json") for s in (ftj.spec, running))
+    spec = FineTuneJobSpec.model_validate({**now, **{f: before[f] for f in IMMUTABLE_AFTER_START}})
+    return ftj.model_copy(update={"spec": spec})
+
+
+async def _start_over(client: KubeClient, body: dict, ftj: FineTuneJob) -> None:
+    """Before any pod ran, a changed spec is applied: the Job (its pod template is immutable) and its
+    run spec go, and are created again from the new spec."""
+    namespace = ftj.metadata.namespace
+    await client.delete(path_for("batch/v1", "jobs", namespace, job_name(ftj)))
+    await client.delete(path_for("v1", "configmaps", namespace, configmap_name(ftj)))
+    for pod in await client.list(path_for("v1", "pods", namespace), {LABEL_JOB: ftj.metadata.name}):
+        await client.delete(path_for("v1", "pods", namespace, pod["metadata"]["name"]))
+    kopf.info(body, reason="RunSpecUpdated", message="the spec changed before any pod ran: the Job and its run "
+                                                     "spec are created again from it")
+    if await client.get(path_for("batch/v1", "jobs", namespace, job_name(ftj))) is not None:
+        raise kopf.TemporaryError("waiting for the Job to be deleted", delay=1)
+
+
+async def _apply_configmap(client: KubeClient, collection: str, desired: dict) -> None:
+    configmap, created = await create_or_adopt(client, collection, desired)
+    if not created and configmap.get("data") != desired["data"]:
+        # Left by a reconcile that stopped before creating the Job: no pod has read it.
+        await client.patch(f"{collection}/{desired['metadata']['name']}", {"data": desired["data"]})
+
+
+async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, admission: asyncio.Lock) -> None:
+    """One pass. `admission` is the namespace's lock: the running-jobs check and the Job's creation
+    must not interleave with another job's, or the limit is exceeded."""
     meta, status = body["metadata"], dict(body.get("status") or {})
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     now = now_rfc3339()
     resource, problems = validate_object({k: v for k, v in body.items() if k != "status"})
     if problems:
-        message = "; ".join(f"{p.path}: {p.message}" for p in problems)
+        message = join_problems([f"{p.path}: {p.message}" for p in problems])
         conditions = set_condition(status.get("conditions") or [], "Validated", "False", "InvalidSpec", message,
                                    generation, now)
         conditions = set_condition(conditions, "Failed", "True", "InvalidSpec", message, generation, now)
@@ -66,37 +121,43 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) 
         kopf.warn(body, reason="InvalidSpec", message=message)
         return
     ftj: FineTuneJob = resource  # type: ignore[assignment]
-    cm_path = path_for("v1", "configmaps", namespace)
-    running_spec = await client.get(f"{cm_path}/{configmap_name(ftj)}")
-    if running_spec is not None and status.get("startTime"):
+    cm_path, jobs_path = path_for("v1", "configmaps", namespace), path_for("batch/v1", "jobs", namespace)
+    job = await client.get(f"{jobs_path}/{job_name(ftj)}")
+    pods = await client.list(path_for("v1", "pods", namespace), {LABEL_JOB: name}) if job else []
+    started = bool(status.get("startTime")) or count_pods(Counters(), pods).attempts > 0 or _job_ran(job)
+    running_spec = await client.get(f"{cm_path}/{configmap_name(ftj)}") if job else None
+    validated = ("True", "Valid", "")
+    if running_spec is not None and started:
         before = FineTuneJobSpec.model_validate(json.loads(running_spec["data"][SPEC_FILE])["spec"])
         changed = changed_immutable_fields(before, ftj.spec)
         if changed:
             message = (f"spec.{', spec.'.join(changed)} cannot change once the job has started; "
                        "the run continues with the spec it started with. Create a new FineTuneJob instead")
-            conditions = set_condition(status.get("conditions") or [], "Validated", "False", "ImmutableFieldChanged",
-                                       message, generation, now)
-            await write_status(client, body, {"conditions": conditions})
-            kopf.warn(body, reason="ImmutableFieldChanged", message=message)
-            return
-    status["conditions"] = set_condition(status.get("conditions") or [], "Validated", "True", "Valid", "",
-                                         generation, now)
-    jobs_path = path_for("batch/v1", "jobs", namespace)
-    job = await client.get(f"{jobs_path}/{job_name(ftj)}")
+            previous = next((c for c in status.get("conditions") or [] if c["type"] == "Validated"), {})
+            if (previous.get("reason"), previous.get("message")) != ("ImmutableFieldChanged", message):
+                kopf.warn(body, reason="ImmutableFieldChanged", message=message)
+            validated = ("False", "ImmutableFieldChanged", message)
+            ftj = with_running_fields(ftj, before)
+    elif running_spec is not None and spec_drifted(running_spec, build_configmap(ftj, settings)):
+        await _start_over(client, body, ftj)
+        job, pods = None, []
+    status["conditions"] = set_condition(status.get("conditions") or [], "Validated", *validated, generation, now)
     if job is None and status.get("phase") in TERMINAL:
         return  # a finished run is never started again
     if job is None:
         if not await _planned(client, settings, body, ftj, status):
             return
-        limit = settings.max_running_per_namespace
-        if limit and await _ahead_of(client, namespace, name, meta.get("creationTimestamp") or "") >= limit:
-            await record(client, body, status, Observation("Queued", "WaitingForCapacity",
-                                                           f"{limit} job(s) already run in {namespace}"), generation)
-            return
-        await create_or_adopt(client, cm_path, build_configmap(ftj, settings))
-        if multi_node(ftj):
-            await create_or_adopt(client, path_for("v1", "services", namespace), build_rendezvous_service(ftj))
-        job, created = await create_or_adopt(client, jobs_path, build_job(ftj, settings))
+        async with admission:
+            limit = settings.max_running_per_namespace
+            if limit and await _ahead_of(client, namespace, name, meta.get("creationTimestamp") or "") >= limit:
+                await record(client, body, status, Observation("Queued", "WaitingForCapacity",
+                                                               f"{limit} job(s) already run in {namespace}"),
+                             generation)
+                return
+            await _apply_configmap(client, cm_path, build_configmap(ftj, settings))
+            if multi_node(ftj):
+                await create_or_adopt(client, path_for("v1", "services", namespace), build_rendezvous_service(ftj))
+            job, created = await create_or_adopt(client, jobs_path, build_job(ftj, settings))
         if created:
             kopf.info(body, reason="JobCreated", message=f"created Job {job_name(ftj)}")
     elif not ftj.spec.queue_name and bool((job.get("spec") or {}).get("suspend")) != ftj.spec.suspend:
@@ -105,7 +166,7 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict) 
                   message="pods stopped (the trainer checkpoints on SIGTERM)" if ftj.spec.suspend else "resuming")
     elif ftj.spec.queue_name and ftj.spec.suspend and not (job.get("spec") or {}).get("suspend"):
         job = await client.patch(f"{jobs_path}/{job_name(ftj)}", {"spec": {"suspend": True}})
-    await observe_and_record(client, body, ftj, status, job)
+    await observe_and_record(client, body, ftj, status, job, pods)
 
 
 async def _planned(client: KubeClient, settings: OperatorSettings, body: dict, ftj: FineTuneJob,
@@ -140,16 +201,18 @@ async def _planned(client: KubeClient, settings: OperatorSettings, body: dict, f
     return True
 
 
-async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, status: dict, job: dict | None) -> None:
+async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, status: dict, job: dict | None,
+                             pods: list[dict]) -> None:
     namespace = body["metadata"]["namespace"]
-    pods = await client.list(path_for("v1", "pods", namespace), {LABEL_JOB: ftj.metadata.name}) if job else []
     for pod in broken_group(job, pods):
         await client.delete(path_for("v1", "pods", namespace, pod["metadata"]["name"]))
         kopf.info(body, reason="GroupRestart", message=f"stopped {pod['metadata']['name']}: a pod of its group "
                                                        "stopped, so all ranks restart and resume together")
-    obs = observe(ftj.spec.suspend, job, pods)
+    counters = count_pods(Counters.from_status(status), pods)
+    obs = replace(observe(ftj.spec.suspend, job, pods), **counters.fields())
+    obs = settle_phase(status.get("phase"), bool(status.get("startTime")) or counters.attempts > 0, obs)
     if obs.phase == "Succeeded" and not status.get("adapterRef"):
-        status["adapterRef"] = await ensure_adapter(client, body, ftj, obs)
+        status["adapterRef"] = await ensure_adapter(client, body, ftj, obs.result.get("manifestSha256", ""))
     await record(client, body, status, obs, body["metadata"].get("generation"))
 
 
@@ -167,27 +230,6 @@ async def record(client: KubeClient, body: dict, status: dict, obs: Observation,
         resources = (body.get("spec") or {}).get("resources") or {}
         metrics.finished(body["metadata"]["namespace"], resources.get("gpus", 1), resources.get("nodes", 1),
                          status.get("startTime") or patch.get("startTime"), patch["completionTime"])
-
-
-async def ensure_adapter(client: KubeClient, body: dict, ftj: FineTuneJob, obs: Observation) -> dict[str, str]:
-    """Create the LoraAdapter for a finished run (or adopt the one an earlier reconcile created)."""
-    name = ftj.spec.output.adapter_name or ftj.metadata.name
-    adapter = {
-        "apiVersion": API_VERSION, "kind": "LoraAdapter",
-        "metadata": {"name": name, "namespace": ftj.metadata.namespace,
-                     "labels": {"kubetune.dev/adapter": name, LABEL_JOB: ftj.metadata.name},
-                     "annotations": {"kubetune.dev/manifest-sha256": obs.result.get("manifestSha256", "")}},
-        "spec": {"adapterName": name, "baseModel": ftj.spec.base_model.model_dump(by_alias=True, exclude_none=True),
-                 "artifact": {"uri": run_output_uri(ftj),
-                              **({"manifestSha256": obs.result["manifestSha256"]}
-                                 if obs.result.get("manifestSha256") else {})},
-                 "merge": {"enabled": False}},
-    }
-    if ftj.spec.storage:
-        adapter["spec"]["storage"] = ftj.spec.storage.model_dump(by_alias=True)
-    created, _ = await create_or_adopt(client, path_for(API_VERSION, "loraadapters", ftj.metadata.namespace),
-                                        adapter)
-    return {"name": created["metadata"]["name"], "uri": run_output_uri(ftj)}
 
 
 async def clean_up(client: KubeClient, body: dict) -> None:

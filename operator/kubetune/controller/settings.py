@@ -16,6 +16,7 @@ class OperatorSettings:
     volume_root: str = "/mnt/volumes"
     gpu_memory_gib: float = 80.0  # of one GPU, for jobs that do not say (resources.gpuMemoryGiB)
     metrics_port: int = 0  # Prometheus /metrics; 0: not served
+    reverify_seconds: int = 3600  # Ready adapters' periodic listing check; 0: never
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
@@ -30,4 +31,5 @@ class OperatorSettings:
                                                   cls.max_running_per_namespace)),
             gpu_memory_gib=float(env.get("KUBETUNE_GPU_MEMORY_GIB", cls.gpu_memory_gib)),
             metrics_port=int(env.get("KUBETUNE_METRICS_PORT", cls.metrics_port)),
+            reverify_seconds=int(env.get("KUBETUNE_REVERIFY_SECONDS", cls.reverify_seconds)),
         )

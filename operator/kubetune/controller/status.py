@@ -8,18 +8,59 @@ and Argo CD health read them directly.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubetune.contract import EXIT_PREEMPTED, PROGRESS_ANNOTATION
 
 TERMINAL = ("Succeeded", "Failed")
+MESSAGE_LIMIT = 32768  # the CRD's maxLength for status.message and condition messages
 OOM_ADVICE = ("the trainer ran out of memory (OOMKilled): lower training.maxSeqLength or "
               "training.microBatchSize, or give it more memory (resources.memory) or GPUs")
 
 
+def join_problems(problems: list[str], limit: int = MESSAGE_LIMIT) -> str:
+    """The problems joined with '; ', as many as fit in limit characters, then how many were left
+    out: a status the API server refuses for its size is no status at all."""
+    message = "; ".join(problems)
+    if len(message) <= limit:
+        return message
+    shown: list[str] = []
+    size = 0
+    for problem in problems:
+        note = f"; and {len(problems) - len(shown) - 1} more problem(s) not shown"
+        if size + len(problem) + 2 + len(note) > limit:
+            break
+        shown.append(problem)
+        size += len(problem) + 2
+    return "; ".join([*shown, f"and {len(problems) - len(shown)} more problem(s) not shown"])
+
+
+def capped(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A message cut to fit limit characters, saying how much was cut."""
+    if len(message) <= limit:
+        return message
+    kept = limit - 64  # room for the note
+    return message[:kept] + f" ... ({len(message) - kept} more characters not shown)"
+
+
+def merge_patch_changes(current: dict, patch: dict) -> bool:
+    """Whether applying a JSON merge patch (RFC 7396: null removes a key) to current changes it."""
+    for key, value in patch.items():
+        if value is None:
+            if key in current:
+                return True
+        elif isinstance(value, dict) and isinstance(current.get(key), dict):
+            if merge_patch_changes(current[key], value):
+                return True
+        elif current.get(key) != value:
+            return True
+    return False
+
+
 def set_condition(conditions: list[dict], type_: str, status: str, reason: str, message: str,
                   generation: int | None, now: str) -> list[dict]:
+    message = capped(message)
     out = [dict(c) for c in conditions if c.get("type") != type_]
     old = next((c for c in conditions if c.get("type") == type_), None)
     changed = old is None or old.get("status") != status
@@ -105,6 +146,66 @@ class Observation:
     preemptions: int = 0
     last_checkpoint: str | None = None
     result: dict[str, Any] = field(default_factory=dict)  # the succeeded pod's termination message
+    counted: tuple[tuple[str, str], ...] = ()  # Counters.counted, recorded with the counters
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Attempts, failures and preemptions, kept in status: the pods that made them may be gone
+    (a suspension deletes them, and so do the Job controller and the garbage collector)."""
+
+    attempts: int = 0
+    failures: int = 0
+    preemptions: int = 0
+    counted: tuple[tuple[str, str], ...] = ()  # (uid, outcome) of existing pods already counted
+
+    @classmethod
+    def from_status(cls, status: dict) -> "Counters":
+        return cls(status.get("attempts") or 0, status.get("failures") or 0, status.get("preemptions") or 0,
+                   tuple((p["uid"], p["outcome"]) for p in status.get("countedPods") or []))
+
+    def fields(self) -> dict[str, Any]:
+        """As Observation's fields."""
+        return {"attempts": self.attempts, "failures": self.failures, "preemptions": self.preemptions,
+                "counted": self.counted}
+
+
+def _outcome(pod: dict) -> str | None:
+    """What a pod counts as: None until its container ran."""
+    phase = (pod.get("status") or {}).get("phase")
+    if phase == "Failed":
+        return "Preempted" if is_preempted(pod) else "Failed"
+    return {"Succeeded": "Succeeded", "Running": "Ran"}.get(phase or "")
+
+
+def count_pods(before: Counters, pods: list[dict]) -> Counters:
+    """The counters after seeing pods: each pod that ran is one attempt, once; each one that ended
+    in a failure or a preemption counts there, once. Only the existing pods are remembered."""
+    previous = dict(before.counted)
+    attempts, failures, preemptions = before.attempts, before.failures, before.preemptions
+    counted: list[tuple[str, str]] = []
+    for pod in sorted(pods, key=_created):
+        meta = pod.get("metadata") or {}
+        uid, outcome = meta.get("uid") or meta.get("name", ""), _outcome(pod)
+        old = previous.get(uid)
+        if outcome is None:
+            continue
+        attempts += old is None
+        if outcome != old:
+            failures += outcome == "Failed"
+            preemptions += outcome == "Preempted"
+        counted.append((uid, outcome))
+    return Counters(attempts, failures, preemptions, tuple(counted))
+
+
+def settle_phase(previous: str | None, started: bool, obs: "Observation") -> "Observation":
+    """No backward phase: a finished run stays finished, and a started one stays Running between
+    one pod's end and the next one's start (or the Job's completion)."""
+    if previous in TERMINAL and obs.phase != previous:
+        return replace(obs, phase=previous)
+    if started and obs.phase == "Pending":
+        return replace(obs, phase="Running")
+    return obs
 
 
 def observe(spec_suspend: bool, job: dict | None, pods: list[dict]) -> Observation:
@@ -171,9 +272,12 @@ def status_patch(current: dict, obs: Observation, generation: int | None, now: s
                                obs.reason, obs.message, generation, now)
     conditions = set_condition(conditions, "Failed", "True" if obs.phase == "Failed" else "False",
                                obs.reason, obs.message, generation, now)
-    patch: dict[str, Any] = {"phase": obs.phase, "message": obs.message, "conditions": conditions,
-                             "observedGeneration": generation, "attempts": obs.attempts,
-                             "failures": obs.failures, "preemptions": obs.preemptions}
+    patch: dict[str, Any] = {"phase": obs.phase, "message": capped(obs.message), "conditions": conditions,
+                             "observedGeneration": generation,
+                             # Never lower: an observation without pods (no Job) does not undo what ran.
+                             **{k: max(getattr(obs, k), current.get(k) or 0)
+                                for k in ("attempts", "failures", "preemptions")},
+                             "countedPods": [{"uid": uid, "outcome": outcome} for uid, outcome in obs.counted]}
     if obs.progress:
         step, total = obs.progress.get("step", 0), obs.progress.get("totalSteps")
         patch["progress"] = {
@@ -186,8 +290,8 @@ def status_patch(current: dict, obs: Observation, generation: int | None, now: s
             patch["progress"]["percent"] = 100
     if obs.last_checkpoint:
         patch["lastCheckpoint"] = obs.last_checkpoint
-    if obs.phase == "Running" and not current.get("startTime"):
-        patch["startTime"] = now
+    if obs.attempts and not current.get("startTime"):
+        patch["startTime"] = now  # a pod ran: from now on training fields are immutable
     if obs.phase in TERMINAL and not current.get("completionTime"):
         patch["completionTime"] = now
     return patch

@@ -1,46 +1,30 @@
-"""The local executor: plays Kubernetes' Job controller and kubelet for the local stack.
+"""The emulator's executor: plays Kubernetes' Job controller, scheduler and kubelet for the local
+stack's own API server (`apiserver.py`), which has none of them.
 
-It watches batch/v1 Jobs through the API, creates their Pods, runs each Pod's container as a local
-process with the same command, environment and mounted files (ConfigMap volumes written out,
-emptyDirs and PersistentVolumeClaims as directories; container paths in arguments and environment
-values are mapped to those directories), and writes the Pod's phase, exit code and termination
-message back through the API as a kubelet would. Two things differ from a node: the API server and
-the termination-message file are given to the process by environment (KUBETUNE_API_URL,
-KUBETUNE_TERMINATION_LOG), since it cannot see the in-cluster service or /dev/termination-log.
+It watches batch/v1 Jobs through the API and creates their Pods (`jobcontrol.py` decides; the
+namespace's container defaults filled in as a LimitRange would), places each Pending pod on the
+one node if its requests fit next to what runs (`resources.py`; else it stays Pending with the
+scheduler's `Unschedulable` reason), runs it as a local process (`podruntime.py`) and writes its
+phase, exit code and termination message back through the API as a kubelet would.
+
+On the real control plane the Job controller and the scheduler are Kubernetes' own and only the
+kubelet half runs: `kubelet.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import os
-import shutil
-import signal
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.api.meta import now_rfc3339
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.local.jobcontrol import decide
+from kubetune.local.podruntime import CannotStart, Exit, PodRuntime, RunningPod
+from kubetune.local.resources import Allocatable, Defaults, Requests, pod_requests, unschedulable, with_defaults
 
 log = logging.getLogger(__name__)
-TRAINER_ENTRYPOINT = [sys.executable, "-m", "kubetune_trainer.main"]
-MAX_TERMINATION_MESSAGE = 4096
-
-
-class CannotStart(Exception):
-    """What a kubelet reports as CreateContainerConfigError (a missing Secret, say)."""
-
-
-@dataclass
-class RunningPod:
-    namespace: str
-    name: str
-    process: asyncio.subprocess.Process
-    termination_log: Path
-    grace_s: float
+SHUTDOWN_GRACE_S = 20.0  # what the stack gives its pods when it stops (a node's shutdownGracePeriod)
 
 
 def _phase(pod: dict) -> str | None:
@@ -51,29 +35,48 @@ def _key(obj: dict) -> tuple[str, str]:
     return obj["metadata"].get("namespace", "default"), obj["metadata"]["name"]
 
 
+def _created(obj: dict) -> tuple[str, str]:
+    return obj["metadata"].get("creationTimestamp") or "", obj["metadata"]["name"]
+
+
 class LocalExecutor:
     def __init__(self, client: KubeClient, root: Path, api_url: str, *, entrypoint: list[str] | None = None,
-                 gpus: int = 0, gpu_resource: str = "nvidia.com/gpu", poll_s: float = 0.3):
-        self.client, self.root, self.api_url = client, root, api_url
-        self.entrypoint = entrypoint or TRAINER_ENTRYPOINT
-        self.gpus, self.gpu_resource, self.poll_s = gpus, gpu_resource, poll_s
-        self.running: dict[tuple[str, str], RunningPod] = {}
+                 gpus: int = 0, gpu_resource: str = "nvidia.com/gpu", poll_s: float = 0.3,
+                 node: Allocatable | None = None, defaults: Defaults | None = None,
+                 shutdown_grace_s: float = SHUTDOWN_GRACE_S):
+        self.client, self.root, self.poll_s = client, root, poll_s
+        self.node = node or Allocatable.of_this_machine(gpus=gpus, gpu_resource=gpu_resource)
+        self.defaults, self.shutdown_grace_s = defaults, shutdown_grace_s
+        self.runtime = PodRuntime(client, root, api_url, self._claim_dir, entrypoint=entrypoint,
+                                  gpu_resource=self.node.gpu_resource, gpus=self.node.gpus)
+        self.requests: dict[tuple[str, str], Requests] = {}
+
+    @property
+    def running(self) -> dict[tuple[str, str], RunningPod]:
+        return self.runtime.running
 
     def volume_dir(self, claim: str) -> Path:
+        """Where a claim's files are: there is no PersistentVolume here, one directory per claim name."""
         return self.root / "volumes" / claim
 
+    async def _claim_dir(self, namespace: str, claim: str) -> Path:
+        return self.volume_dir(claim)
+
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.sync()
-            except Exception:  # noqa: BLE001 - a kubelet keeps going; the next pass retries
-                log.exception("executor pass failed")
-            try:
-                await asyncio.wait_for(stop.wait(), self.poll_s)
-            except TimeoutError:
-                pass
-        for pod in list(self.running.values()):
-            await self._terminate(pod)
+        try:
+            while not stop.is_set():
+                try:
+                    await self.sync()
+                except Exception:  # noqa: BLE001 - a kubelet keeps going; the next pass retries
+                    log.exception("executor pass failed")
+                try:
+                    await asyncio.wait_for(stop.wait(), self.poll_s)
+                except TimeoutError:
+                    pass
+        finally:  # cancelled too: no pod process may outlive the executor
+            # Every pod at once, each given at most the shutdown grace period.
+            await asyncio.gather(*(self.runtime.stop(r, min(r.grace_s, self.shutdown_grace_s))
+                                   for r in list(self.running.values())))
 
     async def sync(self) -> None:
         pods = await self.client.list("/api/v1/pods")
@@ -91,9 +94,9 @@ class LocalExecutor:
         for key, job in jobs.items():
             await self._sync_job(job, by_job[key])
         owned = {_key(p) for ps in by_job.values() for p in ps}
-        for pod in pods:
-            if _phase(pod) == "Pending" and _key(pod) not in self.running and _key(pod) in owned:
-                await self._launch(pod)
+        pending = [p for p in pods if _phase(p) == "Pending" and _key(p) not in self.running and _key(p) in owned]
+        for pod in sorted(pending, key=_created):
+            await self._schedule(pod)
 
     # -- the Job controller ---------------------------------------------------------------------
     async def _sync_job(self, job: dict, pods: list[dict]) -> None:
@@ -134,132 +137,71 @@ class LocalExecutor:
         template = job["spec"]["template"]
         labels = {**(template.get("metadata") or {}).get("labels", {}), "job-name": name,
                   "batch.kubernetes.io/job-name": name}
+        spec = dict(template["spec"])
+        if self.defaults is not None:  # what the LimitRanger admission plugin does to a new pod
+            spec["containers"] = [{**c, "resources": with_defaults(c.get("resources"), self.defaults)}
+                                  for c in spec["containers"]]
         await self.client.create(path_for("v1", "pods", namespace), {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"generateName": f"{name}-", "namespace": namespace, "labels": labels,
                          "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
                                               "uid": job["metadata"].get("uid", ""), "controller": True}]},
-            "spec": template["spec"], "status": {"phase": "Pending"}})
+            "spec": spec, "status": {"phase": "Pending"}})
 
-    # -- the kubelet --------------------------------------------------------------------------------
-    async def _launch(self, pod: dict) -> None:
-        namespace, name = _key(pod)
-        spec = pod["spec"]
-        container = spec["containers"][0]
-        wanted_gpus = int(((container.get("resources") or {}).get("limits") or {}).get(self.gpu_resource, 0))
-        if wanted_gpus > self.gpus:
-            await self._pod_status(pod, {"phase": "Pending", "conditions": [{
-                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                "message": f"0/1 nodes are available: 1 Insufficient {self.gpu_resource} "
-                           f"(the local stack has {self.gpus} GPU(s))"}]})
+    # -- the scheduler ----------------------------------------------------------------------------
+    async def _schedule(self, pod: dict) -> None:
+        wanted = pod_requests(pod, self.node.gpu_resource)
+        in_use = sum(self.requests.values(), Requests())
+        reason = unschedulable(self.node, in_use, wanted, len(self.running))
+        if reason is None:
+            await self._launch(pod, wanted)
             return
-        pod_dir = self.root / "pods" / namespace / name
+        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                          if c.get("type") == "PodScheduled"), {})
+        if scheduled.get("message") != reason:  # written once, not on every pass
+            await self._pod_status(pod, {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": reason,
+                "lastTransitionTime": now_rfc3339()}]})
+
+    # -- the kubelet ------------------------------------------------------------------------------
+    async def _launch(self, pod: dict, wanted: Requests) -> None:
+        container = pod["spec"]["containers"][0]
         try:
-            mounts = await self._mounts(namespace, spec, container, pod_dir)
-            env = await self._environment(pod, container, mounts, pod_dir)
+            await self.runtime.start(pod)
         except CannotStart as exc:
             await self._pod_status(pod, {"phase": "Pending", "containerStatuses": [{
                 "name": container["name"], "ready": False, "restartCount": 0,
                 "state": {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}}]})
             return
-        argv = (container.get("command") or self.entrypoint) + [_translate(a, mounts) for a in container.get("args", [])]
-        with open(pod_dir / "container.log", "ab") as out:
-            process = await asyncio.create_subprocess_exec(*argv, env=env, cwd=pod_dir, stdout=out,
-                                                           stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        self.running[(namespace, name)] = RunningPod(namespace, name, process, pod_dir / "termination-log",
-                                                     float(spec.get("terminationGracePeriodSeconds", 30)))
-        log.info("pod %s/%s: started %s (log: %s)", namespace, name, " ".join(argv), pod_dir / "container.log")
+        self.requests[_key(pod)] = wanted
         now = now_rfc3339()
-        await self._pod_status(pod, {"phase": "Running", "startTime": now, "conditions": [
+        await self._pod_status(pod, {"phase": "Running", "startTime": now, "hostIP": "127.0.0.1",
+                                     "podIP": "127.0.0.1", "conditions": [
             {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
             "containerStatuses": [{"name": container["name"], "ready": True, "restartCount": 0,
                                    "state": {"running": {"startedAt": now}}}]})
-
-    async def _mounts(self, namespace: str, spec: dict, container: dict, pod_dir: Path) -> dict[str, Path]:
-        sources: dict[str, Path] = {}
-        for volume in spec.get("volumes") or []:
-            if "persistentVolumeClaim" in volume:
-                sources[volume["name"]] = self.volume_dir(volume["persistentVolumeClaim"]["claimName"])
-                continue
-            target = pod_dir / "volumes" / volume["name"]
-            target.mkdir(parents=True, exist_ok=True)
-            if "configMap" in volume:
-                name = volume["configMap"]["name"]
-                configmap = await self.client.get(path_for("v1", "configmaps", namespace, name))
-                if configmap is None:
-                    raise CannotStart(f'configmap "{name}" not found')
-                for key, value in (configmap.get("data") or {}).items():
-                    (target / key).write_text(value)
-            sources[volume["name"]] = target
-        mounts = {}
-        for mount in container.get("volumeMounts") or []:
-            host = sources[mount["name"]] / mount.get("subPath", "")
-            host.mkdir(parents=True, exist_ok=True)
-            mounts[mount["mountPath"]] = host
-        return mounts
-
-    async def _environment(self, pod: dict, container: dict, mounts: dict[str, Path], pod_dir: Path) -> dict[str, str]:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
-               "KUBETUNE_API_URL": self.api_url, "KUBETUNE_TERMINATION_LOG": str(pod_dir / "termination-log")}
-        for var in container.get("env") or []:
-            if "value" in var:
-                env[var["name"]] = _translate(var["value"], mounts)
-                continue
-            source = var.get("valueFrom") or {}
-            if "fieldRef" in source:
-                value = pod
-                for part in source["fieldRef"]["fieldPath"].split("."):
-                    value = value.get(part) or {}
-                env[var["name"]] = str(value)
-            elif "secretKeyRef" in source:
-                ref = source["secretKeyRef"]
-                secret = await self.client.get(path_for("v1", "secrets", pod["metadata"]["namespace"], ref["name"]))
-                data = (secret or {}).get("data") or {}
-                if ref["key"] in data:
-                    env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
-                elif not ref.get("optional"):
-                    what = f'secret "{ref["name"]}" not found' if secret is None else \
-                        f'couldn\'t find key {ref["key"]} in Secret {pod["metadata"]["namespace"]}/{ref["name"]}'
-                    raise CannotStart(what)
-        return env
 
     async def _reap(self, pods: dict[tuple[str, str], dict]) -> None:
         for key, running in list(self.running.items()):
             pod = pods.get(key)
             if pod is None or pod["metadata"].get("deletionTimestamp"):
-                await self._terminate(running)
-            if running.process.returncode is None:
+                await self.runtime.stop(running)
+            if not running.exited:
                 continue
-            del self.running[key]
+            ended = self._forget(running)
             if pod is not None:
-                await self._record_exit(pod, running)
+                await self._record_exit(pod, ended)
 
-    async def _record_exit(self, pod: dict, running: RunningPod) -> None:
-        code = running.process.returncode
-        code = 128 - code if code < 0 else code  # killed by a signal, as a container runtime reports it
-        try:
-            message = running.termination_log.read_text()[:MAX_TERMINATION_MESSAGE]
-        except OSError:
-            message = ""
+    def _forget(self, running: RunningPod) -> Exit:
+        self.requests.pop((running.namespace, running.name), None)
+        return self.runtime.forget(running)
+
+    async def _record_exit(self, pod: dict, ended: Exit) -> None:
         name = pod["spec"]["containers"][0]["name"]
-        await self._pod_status(pod, {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [{
+        await self._pod_status(pod, {"phase": "Succeeded" if ended.code == 0 else "Failed", "containerStatuses": [{
             "name": name, "ready": False, "restartCount": 0, "state": {"terminated": {
-                "exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message,
-                "finishedAt": now_rfc3339()}}}]})
-        log.info("pod %s/%s: exited with %d", running.namespace, running.name, code)
-
-    async def _terminate(self, running: RunningPod) -> None:
-        """SIGTERM, then SIGKILL after the grace period, as the kubelet stops a container."""
-        if running.process.returncode is not None:
-            return
-        try:
-            os.killpg(running.process.pid, signal.SIGTERM)
-            await asyncio.wait_for(running.process.wait(), running.grace_s)
-        except TimeoutError:
-            os.killpg(running.process.pid, signal.SIGKILL)
-            await running.process.wait()
-        except ProcessLookupError:
-            await running.process.wait()
+                "exitCode": ended.code, "reason": "Completed" if ended.code == 0 else "Error",
+                "message": ended.message, "finishedAt": now_rfc3339()}}}]})
 
     async def evict(self, namespace: str, name: str) -> None:
         """What a node drain or a preemption does to a pod through the Eviction API: the pod is marked
@@ -272,25 +214,18 @@ class LocalExecutor:
         conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
                            "message": "Eviction API: evicting", "lastTransitionTime": now_rfc3339()})
         await self._pod_status(pod, {"conditions": conditions})
-        running = self.running.pop((namespace, name), None)
+        running = self.running.get((namespace, name))
         if running is not None:
-            await self._terminate(running)
-            await self._record_exit(pod, running)
+            await self.runtime.stop(running)
+            await self._record_exit(pod, self._forget(running))
 
     async def _delete_pod(self, pod: dict) -> None:
-        running = self.running.pop(_key(pod), None)
+        running = self.running.get(_key(pod))
         if running is not None:
-            await self._terminate(running)
+            await self.runtime.stop(running)
+            self._forget(running)
         await self.client.delete(path_for("v1", "pods", *_key(pod)))
-        shutil.rmtree(self.root / "pods" / pod["metadata"]["namespace"] / pod["metadata"]["name"], ignore_errors=True)
+        self.runtime.remove(*_key(pod))
 
     async def _pod_status(self, pod: dict, status: dict) -> None:
         await self.client.patch(path_for("v1", "pods", *_key(pod), "status"), {"status": status})
-
-
-def _translate(value: str, mounts: dict[str, Path]) -> str:
-    """A container path under a mount, as the host path the process can open."""
-    for mount in sorted(mounts, key=len, reverse=True):
-        if value == mount or value.startswith(mount.rstrip("/") + "/"):
-            return str(mounts[mount]) + value[len(mount.rstrip("/")):]
-    return value

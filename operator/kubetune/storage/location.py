@@ -39,6 +39,7 @@ class IntegrityError(ValueError):
 class ObjectInfo:
     rel: str
     size: int
+    etag: str = ""  # changes whenever the object is rewritten: a cheap "has it changed" check
 
 
 def sha256_file(path: Path) -> str:
@@ -68,6 +69,7 @@ class Location(Protocol):
     def get_file(self, rel: str, dest: Path, *, size: int | None = None, sha256: str | None = None) -> None: ...
     def list(self, rel_prefix: str = "") -> list[ObjectInfo]: ...
     def delete_prefix(self, rel_prefix: str) -> int: ...
+    def delete_keys(self, rels: list[str]) -> int: ...
 
 
 def _rel_join(*parts: str) -> str:
@@ -131,7 +133,7 @@ class LocalLocation:
         base = self._path(rel_prefix) if rel_prefix else self.root
         if not base.exists():
             return []
-        found = [ObjectInfo(str(p.relative_to(self.root)), p.stat().st_size)
+        found = [ObjectInfo(str(p.relative_to(self.root)), p.stat().st_size, str(p.stat().st_mtime_ns))
                  for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")]
         return sorted(found, key=lambda o: o.rel)
 
@@ -140,6 +142,16 @@ class LocalLocation:
         count = len(self.list(rel_prefix))
         shutil.rmtree(target, ignore_errors=True)
         return count
+
+    def delete_keys(self, rels: list[str]) -> int:
+        """Exactly these files, in this order; those already gone are not counted."""
+        removed = 0
+        for rel in rels:
+            path = self._path(rel)
+            if path.is_file():
+                path.unlink()
+                removed += 1
+        return removed
 
 
 class S3Location:
@@ -239,7 +251,8 @@ class S3Location:
         prefix = base + "/" if base else ""
 
         def fetch() -> list[ObjectInfo]:
-            return [ObjectInfo(o.object_name[len(self.prefix) + 1 if self.prefix else 0:], o.size)
+            return [ObjectInfo(o.object_name[len(self.prefix) + 1 if self.prefix else 0:], o.size,
+                               (o.etag or "").strip('"'))
                     for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
         try:
             return sorted(self._retry(f"list {self.uri}/{rel_prefix}", fetch), key=lambda o: o.rel)
@@ -256,6 +269,19 @@ class S3Location:
             if errors:
                 raise RuntimeError(f"could not delete {len(errors)} object(s) under {self.uri}/{rel_prefix}")
         return len(objects)
+
+    def delete_keys(self, rels: list[str]) -> int:
+        """Exactly these keys, in one batch (S3 deletes of absent keys succeed); the count of those
+        that existed."""
+        present = {o.rel for o in self.list()}
+        wanted = [r for r in rels if r in present]
+        if wanted:
+            errors = self._retry(f"delete {len(wanted)} object(s) under {self.uri}", lambda: list(
+                self.client.remove_objects(self.bucket, [DeleteObject(self._key(r)) for r in wanted])))
+            if errors:
+                raise RuntimeError(f"could not delete {len(errors)} object(s) under {self.uri}: "
+                                   + ", ".join(str(e.name) for e in errors[:5]))
+        return len(wanted)
 
 
 def open_location(uri: str | StorageUri, *, storage: StorageConfig | None, volume_root: Path,

@@ -1,0 +1,221 @@
+"""FineTuneJob <-> fine_tuning.job: pure functions from one shape to the other.
+
+A job's id is the FineTuneJob's name, so jobs applied with kubectl show up in the API too; what the
+API alone knows (the catalog name, the file id, the suffix, the learning-rate multiplier, a cancel)
+rides on the FineTuneJob as annotations.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, TypeVar
+
+from kubetune.api import API_VERSION
+from kubetune.api.finetunejob import Training
+from kubetune.api.validation import validate_object
+from kubetune.openai_api.catalog import CatalogEntry
+from kubetune.openai_api.errors import OpenAIError
+from kubetune.openai_api.models import (Checkpoint, FineTuningJob, JobCreate, JobError, JobEvent,
+                                        JobHyperparameters)
+
+PREFIX = "openai.kubetune.dev/"
+A_MODEL, A_FILE, A_SUFFIX, A_LR = (PREFIX + k for k in ("model", "training-file", "suffix", "lr-multiplier"))
+A_CANCELLED = PREFIX + "cancelled-at"
+CREATED_BY = {"app.kubernetes.io/created-by": "kubetune-openai-api"}
+RESULT_FILE_PREFIX = "file-result-"
+T = TypeVar("T")
+
+# Request fields and the spec fields they become, to name the caller's field when a spec rule fails.
+PARAMS = {"spec.training.epochs": "hyperparameters.n_epochs", "spec.training.batchSize": "hyperparameters.batch_size",
+          "spec.training.microBatchSize": "hyperparameters.batch_size",
+          "spec.training.learningRate": "hyperparameters.learning_rate_multiplier",
+          "spec.training.seed": "seed", "spec.output.adapterName": "suffix"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the server puts things, from its own configuration."""
+    output_uri: str  # prefix runs write under
+    storage_secret: str  # the Secret in the caller's namespace with the object store's credentials
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def adapter_name(model: str, suffix: str | None, job_id: str) -> str:
+    """A DNS-1123 name that says what it is, like OpenAI's `ft:model:suffix:id`."""
+    parts = [re.sub(r"[^a-z0-9-]+", "-", p.lower()).strip("-") for p in ("ft", model, suffix or "", job_id[-8:])]
+    return "-".join(p for p in parts if p)[:253]
+
+
+def build_job(request: JobCreate, entry: CatalogEntry, namespace: str, job_id: str, training_uri: str,
+              placement: Placement) -> dict[str, Any]:
+    """The FineTuneJob a create request asks for, validated by the same models the operator uses;
+    a request the operator would refuse is a 400 here, before anything is created."""
+    if request.validation_file is not None:
+        raise OpenAIError(400, "validation_file is not supported: kubetune holds out a seeded fraction of the "
+                          "training file (the catalog's dataset.validationSplit) for evaluation",
+                          param="validation_file", code="unsupported")
+    method = request.method.type if request.method else "supervised"
+    if method != "supervised":
+        raise OpenAIError(400, f"method {method!r} is not available on this cluster; use 'supervised'",
+                          param="method.type", code="unsupported")
+    hyper = request.hyperparameters
+    if request.method and request.method.supervised:
+        if hyper is not None:
+            raise OpenAIError(400, "give hyperparameters either at the top level or in method.supervised, not both",
+                              param="hyperparameters")
+        hyper = request.method.supervised.hyperparameters
+    defaults = copy.deepcopy(entry.defaults)
+    training: dict[str, Any] = {}
+    multiplier = 1.0
+    if hyper is not None:
+        if hyper.n_epochs != "auto":
+            training["epochs"] = float(hyper.n_epochs)
+            (defaults.get("training") or {}).pop("maxSteps", None)  # an explicit epoch count beats a step cap
+        if hyper.batch_size != "auto":
+            training["batchSize"] = hyper.batch_size
+        if hyper.learning_rate_multiplier != "auto":
+            multiplier = hyper.learning_rate_multiplier
+            base = (defaults.get("training") or {}).get("learningRate", Training().learning_rate)
+            training["learningRate"] = float(base) * multiplier
+    if request.seed is not None:
+        training["seed"] = request.seed
+    spec = _merge(defaults, {
+        "baseModel": entry.base_model.model_dump(by_alias=True, exclude_none=True),
+        "dataset": {"uri": training_uri},
+        "training": training,
+        "output": {"uri": placement.output_uri, "adapterName": adapter_name(request.model, request.suffix, job_id)},
+        "storage": {"secretRef": {"name": placement.storage_secret}},
+    })
+    annotations = {A_MODEL: request.model, A_FILE: request.training_file, A_LR: repr(multiplier)}
+    if request.suffix:
+        annotations[A_SUFFIX] = request.suffix
+    doc = {"apiVersion": API_VERSION, "kind": "FineTuneJob",
+           "metadata": {"name": job_id, "namespace": namespace, "labels": dict(CREATED_BY),
+                        "annotations": annotations},
+           "spec": spec}
+    _, problems = validate_object(doc)
+    if problems:
+        message = "; ".join(f"{p.path}: {p.message}" for p in problems)
+        raise OpenAIError(400, f"the job for model {request.model!r} would be invalid: {message}",
+                          param=PARAMS.get(problems[0].path), code="invalid_job")
+    return doc
+
+
+def epoch_seconds(timestamp: str | None) -> int | None:
+    if not timestamp:
+        return None
+    return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
+
+
+def _condition(status: dict, type_: str) -> dict:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
+
+
+def job_status(ftj: dict) -> str:
+    status = ftj.get("status") or {}
+    phase = status.get("phase")
+    annotations = ftj["metadata"].get("annotations") or {}
+    if phase == "Succeeded":
+        return "succeeded"
+    if phase == "Failed":
+        return "failed"
+    if A_CANCELLED in annotations:
+        return "cancelled"
+    if phase == "Running":
+        return "running"
+    if phase in ("Queued", "Suspended"):
+        return "queued"
+    if _condition(status, "Validated").get("status") != "True":
+        return "validating_files"
+    return "queued"
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def job_object(ftj: dict, trained_tokens: int | None = None) -> FineTuningJob:
+    """The fine_tuning.job for a FineTuneJob; `trained_tokens` comes from the run's manifest."""
+    meta, spec, status = ftj["metadata"], ftj.get("spec") or {}, ftj.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    training = spec.get("training") or {}
+    defaults = Training()
+    state = job_status(ftj)
+    error = None
+    if state == "failed":
+        failed = _condition(status, "Failed")
+        error = JobError(code=failed.get("reason") or "failed",
+                         message=status.get("message") or failed.get("message", ""))
+    progress = status.get("progress") or {}
+    eta = progress.get("etaSeconds")
+    updated = epoch_seconds(progress.get("updatedAt"))
+    hyper = JobHyperparameters(n_epochs=_number(training.get("epochs", defaults.epochs)),
+                               batch_size=training.get("batchSize", defaults.batch_size),
+                               learning_rate_multiplier=float(annotations.get(A_LR, 1.0)))
+    return FineTuningJob(
+        id=meta["name"], created_at=epoch_seconds(meta.get("creationTimestamp")) or 0, error=error,
+        fine_tuned_model=(status.get("adapterRef") or {}).get("name") if state == "succeeded" else None,
+        finished_at=epoch_seconds(status.get("completionTime")), hyperparameters=hyper,
+        model=annotations.get(A_MODEL) or (spec.get("baseModel") or {}).get("uri", ""),
+        organization_id=meta["namespace"],
+        result_files=[RESULT_FILE_PREFIX + meta["name"]] if state == "succeeded" else [],
+        seed=training.get("seed", defaults.seed), status=state, trained_tokens=trained_tokens,
+        training_file=annotations.get(A_FILE) or (spec.get("dataset") or {}).get("uri", ""),
+        estimated_finish=updated + eta if state == "running" and updated and eta is not None else None,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyper.model_dump()}},
+        user_provided_suffix=annotations.get(A_SUFFIX))
+
+
+def events_of(ftj: dict, kube_events: Iterable[dict]) -> list[JobEvent]:
+    """The job's Kubernetes events plus its latest progress as a metrics event, newest first."""
+    name = ftj["metadata"]["name"]
+    out = []
+    for event in kube_events:
+        involved = event.get("involvedObject") or {}
+        if involved.get("kind") != "FineTuneJob" or involved.get("name") != name:
+            continue
+        when = (event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
+                or event["metadata"].get("creationTimestamp"))
+        warning = event.get("type") == "Warning"
+        level = "error" if warning and "-> Failed" in (event.get("message") or "") else ("warn" if warning else "info")
+        out.append(JobEvent(id=f"ftevent-{event['metadata'].get('uid') or event['metadata']['name']}",
+                            created_at=epoch_seconds(when) or 0, level=level,
+                            message=f"{event.get('reason', '')}: {event.get('message', '')}".strip(": ")))
+    progress = (ftj.get("status") or {}).get("progress") or {}
+    if progress.get("step"):
+        step, total = progress["step"], progress.get("totalSteps")
+        data = {"step": step, "total_steps": total, "train_loss": progress.get("loss"),
+                "valid_loss": progress.get("evalLoss"), "epoch": progress.get("epoch"),
+                "tokens_per_second": progress.get("tokensPerSecond")}
+        loss = f": training loss={progress['loss']:.4f}" if progress.get("loss") is not None else ""
+        out.append(JobEvent(id=f"ftevent-{name}-step-{step}", type="metrics", level="info", data=data,
+                            created_at=epoch_seconds(progress.get("updatedAt")) or 0,
+                            message=f"Step {step}/{total or '?'}{loss}"))
+    return sorted(out, key=lambda e: (e.created_at, e.type == "metrics", e.id), reverse=True)
+
+
+def checkpoints_of(job_id: str, found: Iterable[tuple[int, str, str]]) -> list[Checkpoint]:
+    """Checkpoint objects, newest first, from (step, createdAt, URI) of the run's complete checkpoints."""
+    return [Checkpoint(id=f"ftckpt-{job_id}-{step}", created_at=epoch_seconds(created) or 0,
+                       fine_tuned_model_checkpoint=uri, fine_tuning_job_id=job_id, metrics={"step": step},
+                       step_number=step)
+            for step, created, uri in sorted(found, reverse=True)]
+
+
+def paginate(items: list[T], ident, after: str | None, limit: int) -> tuple[list[T], bool]:
+    """OpenAI's cursor paging: the `limit` items that follow the one whose id is `after`."""
+    if after is not None:
+        ids = [ident(i) for i in items]
+        if after not in ids:
+            raise OpenAIError(400, f"after: no item with id {after!r} in this list", param="after")
+        items = items[ids.index(after) + 1:]
+    return items[:limit], len(items) > limit
