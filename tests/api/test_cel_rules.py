@@ -48,6 +48,7 @@ RULE_DOCS = [d for _, d in example_docs()] + [minimal_job(**p) for _, p, _, _ in
     patched(ADAPTER, {"spec": p}) for p, _, _ in ADAPTER_CASES] + [
     minimal_job(method="qlora"), minimal_job(method="qlora", quantization={"bits": 4}),
     minimal_job(baseModel={"uri": "hf://org/m"}, allowHubDownloads=True),
+    minimal_job(queueName="q", workloadPriorityClassName="low"),
     patched(minimal_job(), {"metadata": {"name": "a" * 64}}), patched(ADAPTER, {"metadata": {"name": "a" * 64}}),
 ]
 

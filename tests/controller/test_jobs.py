@@ -66,6 +66,17 @@ def test_kueue_job_starts_suspended_with_queue_label():
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2}
 
 
+def test_workload_priority_class_is_the_kueue_priority_label():
+    job = build_job(FineTuneJob.model_validate(minimal_job(queueName="gpus", workloadPriorityClassName="nightly")),
+                    SETTINGS)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "nightly"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    # Kueue reads it from the Job; the pods are not Kueue's objects.
+    assert "kueue.x-k8s.io/priority-class" not in job["spec"]["template"]["metadata"]["labels"]
+    unlabelled = build_job(FineTuneJob.model_validate(minimal_job(queueName="gpus")), SETTINGS)
+    assert "kueue.x-k8s.io/priority-class" not in unlabelled["metadata"]["labels"]
+
+
 def test_pvc_sources_are_mounted_read_only_and_output_writable():
     ftj = FineTuneJob.model_validate(patched(minimal_job(
         baseModel={"uri": "pvc://models/llama"}, dataset={"uri": "pvc://data/d.jsonl"},

@@ -10,7 +10,7 @@ from kubetune.api.validation import Problem, validate_object
 from kubetune.controller.artifacts import UnsafeManifest, deletion_keys, fingerprint
 from kubetune.controller.jobs import configmap_name, job_name
 from kubetune.controller.registry import adapter_version
-from kubetune.controller.status import (MESSAGE_LIMIT, Counters, Observation, count_pods, join_problems,
+from kubetune.controller.status import (MESSAGE_LIMIT, Counters, Observation, cancellation, count_pods, join_problems,
                                         merge_patch_changes, observe, settle_phase, status_patch)
 from kubetune.storage.location import ObjectInfo
 from kubetune.storage.manifest import MANIFEST, FileEntry, Manifest
@@ -192,3 +192,34 @@ def test_a_status_write_that_changes_nothing_is_recognised():
     assert not merge_patch_changes(current, {"phase": "Running", "progress": {"step": 3, "epoch": None}})
     assert merge_patch_changes(current, {"progress": {"step": 4}})
     assert merge_patch_changes(current, {"attempts": None})
+
+
+@pytest.mark.parametrize("cancelled_at, previous, pods, expected", [
+    (None, "Running", [], None),                                 # not cancelled
+    ("t", "Running", [_pod("u", "Running")], None),                   # waits for its pod to checkpoint and stop
+    ("t", "Suspended", [_pod("u", "Pending")], None),
+    ("t", "Succeeded", [], None),                                # finished before the cancel: keeps its result
+    ("t", "Suspended", [_pod("u", "Failed")], "Cancelled"),
+    ("t", "Queued", [], "Cancelled"),                            # never ran: nothing to wait for
+])
+def test_a_cancel_fails_the_job_once_its_pods_stopped(cancelled_at, previous, pods, expected):
+    obs = cancellation(cancelled_at, previous, pods)
+    assert (obs and (obs.phase, obs.reason)) == ((("Failed", expected)) if expected else None)
+
+
+def _workload(*conditions: tuple[str, str, str, str]) -> dict:
+    return {"status": {"conditions": [dict(zip(("type", "status", "reason", "message"), c)) for c in conditions]}}
+
+
+@pytest.mark.parametrize("workload, expected", [
+    (None, ("WaitingForAdmission", "waiting for Kueue to admit the Job")),
+    (_workload(("QuotaReserved", "False", "Pending", "insufficient unused quota for nvidia.com/gpu")),
+     ("WaitingForQuota", "Kueue: insufficient unused quota for nvidia.com/gpu")),
+    (_workload(("QuotaReserved", "False", "Pending", "no quota"), ("Evicted", "True", "Preempted", "by urgent")),
+     ("Preempted", "evicted by Kueue: by urgent")),
+    (_workload(("Evicted", "False", "Preempted", "earlier")), ("WaitingForAdmission", "waiting for Kueue to admit the Job")),
+])
+def test_a_job_held_by_kueue_quotes_its_workload(workload, expected):
+    job = {"metadata": {"uid": "j"}, "spec": {"suspend": True}, "status": {}}
+    obs = observe(False, job, [], workload)
+    assert (obs.phase, obs.reason, obs.message) == ("Queued", *expected)

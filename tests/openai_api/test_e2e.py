@@ -92,7 +92,7 @@ async def test_openai_client_fine_tunes_on_the_local_stack(tmp_path, smollm2_dir
         assert all(c.fine_tuning_job_id == job.id for c in checkpoints)
         assert [j.id for j in (await client.fine_tuning.jobs.list()).data] == [job.id]
 
-        # A second job, cancelled while it runs: its pods stop, the job stays cancelled.
+        # A second job, cancelled while it runs: its pods stop, then the operator fails it as Cancelled.
         second = await client.fine_tuning.jobs.create(model=SAMPLE_MODEL, training_file=file.id)
 
         async def running():
@@ -105,9 +105,12 @@ async def test_openai_client_fine_tunes_on_the_local_stack(tmp_path, smollm2_dir
         assert cancelled.status == "cancelled"
         ftj_path = path_for(API_VERSION, "finetunejobs", "default", second.id)
 
-        async def suspended():
-            return ((await stack.client.get(ftj_path)) or {}).get("status", {}).get("phase") == "Suspended"
-        await eventually(suspended, 120, "the cancelled job's pods to stop", interval=0.5)
+        async def failed_as_cancelled():
+            status = ((await stack.client.get(ftj_path)) or {}).get("status", {})
+            failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
+            return status.get("phase") == "Failed" and failed.get("reason") == "Cancelled"
+        await eventually(failed_as_cancelled, 600, "the cancelled job's pods to stop and the job to fail as Cancelled",
+                         interval=0.5)
         assert (await client.fine_tuning.jobs.retrieve(second.id)).status == "cancelled"
         with pytest.raises(openai.BadRequestError):
             await client.fine_tuning.jobs.cancel(second.id)

@@ -85,7 +85,8 @@ def ftj(phase: str | None = None, conditions=(), annotations=None, **status) -> 
                          "annotations": annotations or {}},
             "spec": {"baseModel": {"uri": "s3://m"}, "dataset": {"uri": DATA}, "training": {"epochs": 2.0}}}
     if phase:
-        body["status"] = {"phase": phase, "conditions": [{"type": t, "status": s} for t, s in conditions], **status}
+        body["status"] = {"phase": phase, "conditions": [dict(zip(("type", "status", "reason"), c)) for c in conditions],
+                          **status}
     return body
 
 
@@ -97,6 +98,8 @@ def ftj(phase: str | None = None, conditions=(), annotations=None, **status) -> 
     (ftj("Running", [("Validated", "True")]), "running"),
     (ftj("Succeeded"), "succeeded"),
     (ftj("Failed"), "failed"),
+    (ftj("Failed", [("Failed", "True", "Cancelled")], annotations={mapping.A_CANCELLED: "t"}), "cancelled"),
+    (ftj("Failed", [("Failed", "True", "OutOfMemory")], annotations={mapping.A_CANCELLED: "t"}), "failed"),
     (ftj("Suspended", annotations={mapping.A_CANCELLED: "t"}), "cancelled"),
     (ftj("Running", annotations={mapping.A_CANCELLED: "t"}), "cancelled"),
     # A run that finished before the cancel took effect says what really happened.

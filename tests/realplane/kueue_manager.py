@@ -9,21 +9,18 @@ Kueue's own certificate management is off (it would write a Secret and patch a S
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import signal
 import urllib.error
 import urllib.request
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from kubetune.local.controlplane import HOST, ControlPlane, free_port
+from kubetune.local.controlplane import HOST, Component, ControlPlane, free_port
 from tests.chart.tools import ecosystem_tool
-from tests.support import REPO, eventually
+from tests.support import REPO
 
 MODULE = REPO / "ecosystem" / "kueue"
 # The webhooks of the integrations enabled below (batch/v1 Jobs) and of Kueue's own kinds; the rest
@@ -45,25 +42,7 @@ def _by_url(client_config: dict, base: str, ca_bundle: str) -> dict:
     return {"url": base + client_config["service"]["path"], "caBundle": ca_bundle}
 
 
-@dataclass
-class KueueManager:
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 20) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_kueue(plane: ControlPlane, state: Path, timeout_s: float = 180) -> KueueManager:
+def start_kueue(plane: ControlPlane, state: Path, timeout_s: float = 180) -> Component:
     """Installs Kueue's CRDs and webhook configurations on `plane` and starts its manager (as the
     plane's admin); returns once its webhooks answer and the CRDs are Established."""
     source = kueue_source()
@@ -109,21 +88,16 @@ def start_kueue(plane: ControlPlane, state: Path, timeout_s: float = 180) -> Kue
     plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                   *[f"customresourcedefinition/{c['metadata']['name']}" for c in crds])
     plane.kubectl("create", "namespace", "kueue-system")
-    log = state / "kueue.log"
-    with open(log, "ab") as out:
-        # Without its internal certificate management Kueue reads the metrics server's certificate from
-        # a fixed path, /etc/kueue/metrics/certs (cmd/kueue/main.go), metrics off or not: a mount
-        # namespace of its own (bubblewrap) puts the serving pair there. The visibility API is an
-        # aggregated API server of its own: off, not registered here.
-        process = subprocess.Popen(["bwrap", "--dev-bind", "/", "/", "--bind", str(certs), METRICS_CERTS, "--",
-                                    ecosystem_tool("kueue"), f"--config={config}",
-                                    f"--kubeconfig={plane.admin_kubeconfig}", "--feature-gates=VisibilityOnDemand=false"],
-                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    manager = KueueManager(process, log)
+    # Without its internal certificate management Kueue reads the metrics server's certificate from
+    # a fixed path, /etc/kueue/metrics/certs (cmd/kueue/main.go), metrics off or not: a mount
+    # namespace of its own (bubblewrap) puts the serving pair there. The visibility API is an
+    # aggregated API server of its own: off, not registered here.
+    manager = Component("kueue", ["bwrap", "--dev-bind", "/", "/", "--bind", str(certs), METRICS_CERTS, "--",
+                                  ecosystem_tool("kueue"), f"--config={config}",
+                                  f"--kubeconfig={plane.admin_kubeconfig}", "--feature-gates=VisibilityOnDemand=false"],
+                        state / "kueue.log", lambda: _ready(health_port))
+    manager.start(timeout_s)
     try:
-        asyncio.run(eventually(lambda: process.poll() is not None or _ready(health_port), timeout=timeout_s,
-                               what="Kueue's manager to be ready"))
-        assert process.poll() is None, f"Kueue's manager exited:\n{manager.output()[-3000:]}"
         plane.kubectl("apply", "--server-side", "-f", "-", input="\n---\n".join(yaml.safe_dump(w) for w in webhooks))
     except BaseException:
         manager.stop()

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from kubetune.controller.jobs import job_name
-from kubetune.local.controlplane import ControlPlane, free_port
+from kubetune.local.controlplane import Component, ControlPlane, free_port
 from tests.realplane.conftest import apply_crds
-from tests.realplane.kueue_manager import KueueManager, start_kueue
+from tests.realplane.kueue_manager import start_kueue
 from tests.realplane.operator_process import kubectl_apply, start_operator
 from tests.support import eventually, minimal_job
 
@@ -33,7 +33,7 @@ def plane(tmp_path_factory) -> ControlPlane:
 
 
 @pytest.fixture(scope="module")
-def kueue(plane, tmp_path_factory) -> KueueManager:
+def kueue(plane, tmp_path_factory) -> Component:
     manager = start_kueue(plane, tmp_path_factory.mktemp("kueue"))
     yield manager
     manager.stop()
@@ -116,6 +116,10 @@ async def test_kueue_admits_queues_and_preempts(plane, operator):
     assert "insufficient unused quota for nvidia.com/gpu" in held["message"], held
     await eventually(lambda: ftj(plane, "second").get("status", {}).get("phase") == "Queued", timeout=60,
                      what="the second FineTuneJob to be Queued")
+    # The FineTuneJob says why in Kueue's own words, from the Workload, not guessed from the Job.
+    await eventually(lambda: condition(ftj(plane, "second"), "Admitted").get("reason") == "WaitingForQuota",
+                     timeout=60, what="the second FineTuneJob to quote Kueue's reason")
+    assert "insufficient unused quota for nvidia.com/gpu" in ftj(plane, "second")["status"]["message"]
     assert job_suspended(plane, "second") is True
     timings["second held"] = time.monotonic() - began
 
@@ -126,8 +130,10 @@ async def test_kueue_admits_queues_and_preempts(plane, operator):
     evicted = condition(workload_of(plane, "first"), "Evicted")
     assert evicted.get("status") == "True" and evicted.get("reason") == "Preempted", evicted
     assert job_suspended(plane, "first") is True
-    await eventually(lambda: ftj(plane, "first").get("status", {}).get("phase") == "Queued", timeout=60,
-                     what="the preempted FineTuneJob to be Queued again")
+    await eventually(lambda: ftj(plane, "first").get("status", {}).get("phase") == "Queued"
+                     and condition(ftj(plane, "first"), "Admitted").get("reason") == "Preempted", timeout=60,
+                     what="the preempted FineTuneJob to be Queued again, saying Kueue preempted it")
+    assert ftj(plane, "first")["status"]["message"].startswith("evicted by Kueue: ")
 
     # The urgent run goes away: the quota is free again and one of the waiting runs is admitted.
     status, _ = plane.request("DELETE", f"/apis/kubetune.dev/v1alpha1/namespaces/{NAMESPACE}/finetunejobs/urgent",

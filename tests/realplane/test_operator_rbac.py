@@ -34,6 +34,8 @@ KEPT: dict[str, str] = {
     "core/services:create": "the headless Service of a multi-node job's rendezvous (resources.nodes > 1; "
                             "tests/realplane/test_job_semantics.py runs one); the quickstart is one node",
     "core/services:get": "adopting that Service when it already exists (a restarted operator)",
+    "kueue.x-k8s.io/workloads:list": "reading why Kueue holds a job with spec.queueName (the quickstart has none; "
+                                     "tests/realplane/test_kueue.py covers it)",
 }
 
 

@@ -66,4 +66,7 @@ capabilities:
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["list", "watch", "patch"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]  # why Kueue holds a queued job, mirrored into its status
+  verbs: ["list"]
 {{- end -}}

@@ -168,6 +168,10 @@ class FineTuneJobSpec(ApiModel):
     resources: Resources = Field(default_factory=Resources, json_schema_extra=DEFAULT_EMPTY)
     queue_name: str | None = Field(default=None, pattern=DNS1123_LABEL, max_length=63,
                                    description="Kueue LocalQueue; the Job is created suspended for Kueue to admit.")
+    workload_priority_class_name: str | None = Field(
+        default=None, pattern=DNS1123_SUBDOMAIN, max_length=63,  # a label value: 63 characters at most
+        description="Kueue WorkloadPriorityClass of the run (label kueue.x-k8s.io/priority-class on the Job): "
+        "decides which queued run Kueue admits first and which it preempts; needs queueName.")
     output: Output
     storage: Storage | None = Field(default=None, description="Object-store access, required by any s3:// URI.")
     allow_hub_downloads: bool = Field(default=False, description="Allow hf:// sources (the pod then needs egress).")
@@ -201,6 +205,9 @@ class FineTuneJobSpec(ApiModel):
         Rule("dataset.validationSplit", "evaluation.exactMatch needs a hold-out split (validationSplit > 0)",
              "!self.evaluation.exactMatch || self.dataset.validationSplit > 0.0",
              lambda s: not s.evaluation.exact_match or s.dataset.validation_split > 0),
+        Rule("workloadPriorityClassName", "workloadPriorityClassName is a Kueue priority: it needs queueName",
+             "!has(self.workloadPriorityClassName) || has(self.queueName)",
+             lambda s: s.workload_priority_class_name is None or s.queue_name is not None),
     )
 
     def effective_quantization(self) -> Quantization | None:

@@ -23,6 +23,9 @@ LABEL_JOB = "kubetune.dev/finetunejob"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGER = "kubetune"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # a WorkloadPriorityClass
+KUEUE_API = "kueue.x-k8s.io/v1beta2"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"  # on the Workload Kueue makes for a Job
 SPEC_MOUNT = "/etc/kubetune"
 SPEC_FILE = "runspec.json"
 SCRATCH = "/scratch"
@@ -63,6 +66,8 @@ def _labels(ftj: FineTuneJob) -> dict[str, str]:
     labels = {LABEL_MANAGED: MANAGER, LABEL_JOB: ftj.metadata.name, "app.kubernetes.io/name": "kubetune-trainer"}
     if ftj.spec.queue_name:
         labels[KUEUE_QUEUE_LABEL] = ftj.spec.queue_name
+    if ftj.spec.workload_priority_class_name:
+        labels[KUEUE_PRIORITY_LABEL] = ftj.spec.workload_priority_class_name
     return labels
 
 
@@ -244,7 +249,8 @@ def build_job(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
             "backoffLimit": spec.backoff_limit,
             "podFailurePolicy": pod_failure_policy(),
             **parallel,
-            "template": {"metadata": {"labels": {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}},
+            "template": {"metadata": {"labels": {k: v for k, v in labels.items()
+                                                  if k not in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)}},
                          "spec": pod_spec},
         },
     }

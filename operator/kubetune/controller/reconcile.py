@@ -14,17 +14,18 @@ from kubetune.api import API_VERSION, FineTuneJob
 from kubetune.api.finetunejob import IMMUTABLE_AFTER_START, FineTuneJobSpec, changed_immutable_fields
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import validate_object
-from kubetune.controller.jobs import (LABEL_JOB, SPEC_FILE, build_configmap, build_job, build_rendezvous_service,
-                                     configmap_name, job_name, multi_node)
+from kubetune.controller.jobs import (KUEUE_API, KUEUE_JOB_UID_LABEL, LABEL_JOB, SPEC_FILE, build_configmap, build_job,
+                                     build_rendezvous_service, configmap_name, job_name, multi_node)
 from kubetune.controller import metrics
-from kubetune.controller.kube import KubeClient, path_for
+from kubetune.controller.kube import ApiError, KubeClient, path_for
 from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.planning import plan_job
 from kubetune.controller.registry import ensure_adapter
 from kubetune.controller.secrets import NotReady
 from kubetune.controller.settings import OperatorSettings
 from kubetune.planning import DoesNotFit
-from kubetune.controller.status import (TERMINAL, Counters, Observation, broken_group, count_pods, join_problems,
+from kubetune.controller.status import (CANCELLED_ANNOTATION, TERMINAL, Counters, Observation, broken_group,
+                                       cancellation, count_pods, join_problems,
                                        merge_patch_changes, observe, set_condition, settle_phase, status_patch)
 
 FTJ_PLURAL = "finetunejobs"
@@ -142,6 +143,10 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, 
         await _start_over(client, body, ftj)
         job, pods = None, []
     status["conditions"] = set_condition(status.get("conditions") or [], "Validated", *validated, generation, now)
+    if cancelled := cancellation((meta.get("annotations") or {}).get(CANCELLED_ANNOTATION), status.get("phase"), pods):
+        counters = count_pods(Counters.from_status(status), pods)
+        await record(client, body, status, replace(cancelled, **counters.fields()), generation)
+        return
     if job is None and status.get("phase") in TERMINAL:
         return  # a finished run is never started again
     if job is None:
@@ -209,11 +214,29 @@ async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, s
         kopf.info(body, reason="GroupRestart", message=f"stopped {pod['metadata']['name']}: a pod of its group "
                                                        "stopped, so all ranks restart and resume together")
     counters = count_pods(Counters.from_status(status), pods)
-    obs = replace(observe(ftj.spec.suspend, job, pods), **counters.fields())
+    workload = await _workload(client, namespace, job) if ftj.spec.queue_name and _suspended(job) else None
+    obs = replace(observe(ftj.spec.suspend, job, pods, workload), **counters.fields())
     obs = settle_phase(status.get("phase"), bool(status.get("startTime")) or counters.attempts > 0, obs)
     if obs.phase == "Succeeded" and not status.get("adapterRef"):
         status["adapterRef"] = await ensure_adapter(client, body, ftj, obs.result.get("manifestSha256", ""))
     await record(client, body, status, obs, body["metadata"].get("generation"))
+
+
+def _suspended(job: dict | None) -> bool:
+    return bool(job and (job.get("spec") or {}).get("suspend"))
+
+
+async def _workload(client: KubeClient, namespace: str, job: dict) -> dict | None:
+    """The Workload Kueue made for the Job (labelled with the Job's uid), read only while Kueue holds
+    the Job; none where Kueue is not installed."""
+    try:
+        found = await client.list(path_for(KUEUE_API, "workloads", namespace),
+                                  {KUEUE_JOB_UID_LABEL: job["metadata"]["uid"]})
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return found[0] if found else None
 
 
 async def record(client: KubeClient, body: dict, status: dict, obs: Observation, generation: int | None) -> None:

@@ -13,6 +13,10 @@ from typing import Any
 
 from kubetune.contract import EXIT_PREEMPTED, PROGRESS_ANNOTATION
 
+# Set (to the time of the request) by whoever cancels a job, together with spec.suspend: true; the
+# OpenAI-compatible API's cancel does exactly that. Suspension alone can be undone, a cancel cannot.
+CANCELLED_ANNOTATION = "kubetune.dev/cancelled-at"
+
 TERMINAL = ("Succeeded", "Failed")
 MESSAGE_LIMIT = 32768  # the CRD's maxLength for status.message and condition messages
 OOM_ADVICE = ("the trainer ran out of memory (OOMKilled): lower training.maxSeqLength or "
@@ -208,8 +212,32 @@ def settle_phase(previous: str | None, started: bool, obs: "Observation") -> "Ob
     return obs
 
 
-def observe(spec_suspend: bool, job: dict | None, pods: list[dict]) -> Observation:
-    """What phase the run is in, from its Job and pods (oldest first)."""
+def cancellation(cancelled_at: str | None, previous: str | None, pods: list[dict]) -> Observation | None:
+    """A cancelled job fails as Cancelled once none of its pods is still running: a pod being
+    stopped writes its checkpoint on SIGTERM first, and the checkpoints are kept. A run that finished
+    before the cancel keeps its result."""
+    if not cancelled_at or previous in TERMINAL:
+        return None
+    if any((p.get("status") or {}).get("phase") in ("Pending", "Running") for p in pods):
+        return None
+    return Observation("Failed", "Cancelled", f"cancelled at {cancelled_at}; its checkpoints are kept")
+
+
+def kueue_wait(workload: dict | None) -> tuple[str, str]:
+    """Why Kueue holds the Job, in Kueue's own words from its Workload: an eviction (a preemption,
+    say) or why no quota is reserved yet. Before Kueue has made the Workload there is nothing to quote."""
+    conditions = {c.get("type"): c for c in ((workload or {}).get("status") or {}).get("conditions") or []}
+    evicted, reserved = conditions.get("Evicted", {}), conditions.get("QuotaReserved", {})
+    if evicted.get("status") == "True":
+        return evicted.get("reason") or "Evicted", f"evicted by Kueue: {evicted.get('message', '')}"
+    if reserved.get("status") == "False" and reserved.get("message"):
+        return "WaitingForQuota", f"Kueue: {reserved['message']}"
+    return "WaitingForAdmission", "waiting for Kueue to admit the Job"
+
+
+def observe(spec_suspend: bool, job: dict | None, pods: list[dict], workload: dict | None = None) -> Observation:
+    """What phase the run is in, from its Job and pods (oldest first), and for a queued Job the
+    Workload Kueue made for it."""
     pods = sorted(pods, key=_created)
     finished = [p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
     preempted = [p for p in finished if (p.get("status") or {}).get("phase") == "Failed" and is_preempted(p)]
@@ -244,7 +272,8 @@ def observe(spec_suspend: bool, job: dict | None, pods: list[dict]) -> Observati
         if spec_suspend:
             obs.phase, obs.reason, obs.message = "Suspended", "Suspended", "spec.suspend is true"
         else:
-            obs.phase, obs.reason, obs.message = "Queued", "WaitingForAdmission", "waiting for Kueue to admit the Job"
+            obs.phase = "Queued"
+            obs.reason, obs.message = kueue_wait(workload)
         return obs
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     if running:

@@ -16,6 +16,7 @@ from typing import Any, Iterable, TypeVar
 from kubetune.api import API_VERSION
 from kubetune.api.finetunejob import Training
 from kubetune.api.validation import validate_object
+from kubetune.controller.status import CANCELLED_ANNOTATION
 from kubetune.openai_api.catalog import CatalogEntry
 from kubetune.openai_api.errors import OpenAIError
 from kubetune.openai_api.models import (Checkpoint, FineTuningJob, JobCreate, JobError, JobEvent,
@@ -23,7 +24,7 @@ from kubetune.openai_api.models import (Checkpoint, FineTuningJob, JobCreate, Jo
 
 PREFIX = "openai.kubetune.dev/"
 A_MODEL, A_FILE, A_SUFFIX, A_LR = (PREFIX + k for k in ("model", "training-file", "suffix", "lr-multiplier"))
-A_CANCELLED = PREFIX + "cancelled-at"
+A_CANCELLED = CANCELLED_ANNOTATION  # the operator's own: it fails the job as Cancelled once its pods stopped
 CREATED_BY = {"app.kubernetes.io/created-by": "kubetune-openai-api"}
 RESULT_FILE_PREFIX = "file-result-"
 T = TypeVar("T")
@@ -127,7 +128,7 @@ def job_status(ftj: dict) -> str:
     if phase == "Succeeded":
         return "succeeded"
     if phase == "Failed":
-        return "failed"
+        return "cancelled" if _condition(status, "Failed").get("reason") == "Cancelled" else "failed"
     if A_CANCELLED in annotations:
         return "cancelled"
     if phase == "Running":
