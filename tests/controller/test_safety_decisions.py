@@ -194,17 +194,24 @@ def test_a_status_write_that_changes_nothing_is_recognised():
     assert merge_patch_changes(current, {"attempts": None})
 
 
-@pytest.mark.parametrize("cancelled_at, previous, pods, expected", [
-    (None, "Running", [], None),                                 # not cancelled
-    ("t", "Running", [_pod("u", "Running")], None),                   # waits for its pod to checkpoint and stop
-    ("t", "Suspended", [_pod("u", "Pending")], None),
-    ("t", "Succeeded", [], None),                                # finished before the cancel: keeps its result
-    ("t", "Suspended", [_pod("u", "Failed")], "Cancelled"),
-    ("t", "Queued", [], "Cancelled"),                            # never ran: nothing to wait for
+def _status(phase: str, failed_reason: str | None = None) -> dict:
+    return {"phase": phase, "conditions": [{"type": "Failed", "status": "True", "reason": failed_reason}]
+            if failed_reason else []}
+
+
+@pytest.mark.parametrize("cancelled_at, status, pods, expected", [
+    (None, _status("Running"), [], None),                                # not cancelled
+    ("t", _status("Running"), [_pod("u", "Running")], None),             # waits for its pod to checkpoint and stop
+    ("t", _status("Suspended"), [_pod("u", "Pending")], None),
+    ("t", _status("Succeeded"), [], None),                               # finished before the cancel: keeps its result
+    ("t", _status("Failed", "OutOfMemory"), [], None),                   # failed on its own first
+    ("t", _status("Suspended"), [_pod("u", "Failed")], "Cancelled"),
+    ("t", _status("Queued"), [], "Cancelled"),                           # never ran: nothing to wait for
+    ("t", _status("Failed", "Cancelled"), [], "Cancelled"),              # stays cancelled, not Suspended
 ])
-def test_a_cancel_fails_the_job_once_its_pods_stopped(cancelled_at, previous, pods, expected):
-    obs = cancellation(cancelled_at, previous, pods)
-    assert (obs and (obs.phase, obs.reason)) == ((("Failed", expected)) if expected else None)
+def test_a_cancel_fails_the_job_once_its_pods_stopped(cancelled_at, status, pods, expected):
+    obs = cancellation(cancelled_at, status, pods)
+    assert (obs and (obs.phase, obs.reason)) == (("Failed", expected) if expected else None)
 
 
 def _workload(*conditions: tuple[str, str, str, str]) -> dict:

@@ -143,7 +143,7 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, 
         await _start_over(client, body, ftj)
         job, pods = None, []
     status["conditions"] = set_condition(status.get("conditions") or [], "Validated", *validated, generation, now)
-    if cancelled := cancellation((meta.get("annotations") or {}).get(CANCELLED_ANNOTATION), status.get("phase"), pods):
+    if cancelled := cancellation((meta.get("annotations") or {}).get(CANCELLED_ANNOTATION), status, pods):
         counters = count_pods(Counters.from_status(status), pods)
         await record(client, body, status, replace(cancelled, **counters.fields()), generation)
         return

@@ -212,11 +212,14 @@ def settle_phase(previous: str | None, started: bool, obs: "Observation") -> "Ob
     return obs
 
 
-def cancellation(cancelled_at: str | None, previous: str | None, pods: list[dict]) -> Observation | None:
+def cancellation(cancelled_at: str | None, status: dict, pods: list[dict]) -> Observation | None:
     """A cancelled job fails as Cancelled once none of its pods is still running: a pod being
-    stopped writes its checkpoint on SIGTERM first, and the checkpoints are kept. A run that finished
-    before the cancel keeps its result."""
-    if not cancelled_at or previous in TERMINAL:
+    stopped writes its checkpoint on SIGTERM first, and the checkpoints are kept. A run that ended
+    before the cancel keeps its own outcome; one that ended as Cancelled stays so (its suspended Job
+    would otherwise be observed as Suspended)."""
+    phase = status.get("phase")
+    failed_as = next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Failed"), None)
+    if not cancelled_at or phase == "Succeeded" or (phase == "Failed" and failed_as != "Cancelled"):
         return None
     if any((p.get("status") or {}).get("phase") in ("Pending", "Running") for p in pods):
         return None
