@@ -22,6 +22,8 @@ from tests.realplane.kubetune_install import audited_calls, install, prepare_inp
 from tests.realplane.operator_process import kubectl_apply
 from tests.support import REPO, eventually, minimal_job, patched
 
+pytestmark = pytest.mark.soak  # about 20 minutes on 2 cores: `./scripts/test -m soak tests/realplane/test_watch_faults.py`
+
 FTJ_API = "kubetune.dev/v1alpha1"
 QUICKSTART = REPO / "examples" / "local" / "finetunejob.yaml"
 WATCH_RESTARTED = "Restarting the watch-stream"  # what Kopf logs on a 410 Gone
