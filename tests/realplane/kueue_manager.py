@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import urllib.error
 import urllib.request
-import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from kubetune.local.controlplane import HOST, Component, ControlPlane, free_port
 from tests.chart.tools import ecosystem_tool
+from tests.realplane.conftest import apply_crds
 from tests.support import REPO
 
 MODULE = REPO / "ecosystem" / "kueue"
@@ -111,3 +114,33 @@ def _ready(port: int) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+@contextmanager
+def queued_plane(state: Path, namespace: str, queue: str, extra: Sequence[dict] = ()) -> Iterator[ControlPlane]:
+    """A plane of its own with kubetune's CRDs and Kueue's manager, and one ClusterQueue `queue` (one
+    GPU of quota, lower priorities preempted) with its LocalQueue in `namespace`; `extra` objects
+    (priority classes) applied last. A plane of its own because Kueue's Job webhook (failurePolicy
+    Fail) would judge every other test's Jobs."""
+    with ControlPlane(state / "plane") as plane:
+        apply_crds(plane)
+        manager = start_kueue(plane, state / "kueue")
+        try:
+            plane.kubectl("create", "namespace", namespace)
+            for doc in [
+                {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default-flavor"}},
+                {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": queue}, "spec": {
+                    "namespaceSelector": {},
+                    "preemption": {"withinClusterQueue": "LowerPriority"},
+                    "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"], "flavors": [{
+                        "name": "default-flavor", "resources": [
+                            {"name": "cpu", "nominalQuota": 64}, {"name": "memory", "nominalQuota": "512Gi"},
+                            {"name": "nvidia.com/gpu", "nominalQuota": 1}]}]}]}},
+                {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+                 "metadata": {"name": queue, "namespace": namespace}, "spec": {"clusterQueue": queue}},
+                *extra,
+            ]:
+                plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc))
+            yield plane
+        finally:
+            manager.stop()

@@ -12,13 +12,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import yaml
 
 from kubetune.controller.jobs import job_name
-from kubetune.local.controlplane import Component, ControlPlane, free_port
-from tests.realplane.conftest import apply_crds
-from tests.realplane.kueue_manager import start_kueue
-from tests.realplane.operator_process import kubectl_apply, start_operator
+from kubetune.local.controlplane import ControlPlane, free_port
+from tests.realplane.kueue_manager import queued_plane
+from tests.realplane.operator_process import start_operator
 from tests.support import eventually, minimal_job
 
 NAMESPACE, QUEUE = "research", "gpus"
@@ -27,38 +25,15 @@ WORKLOADS = "/apis/kueue.x-k8s.io/v1beta2/namespaces/research/workloads"
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory) -> ControlPlane:
-    """A plane of its own: Kueue's Job webhook (failurePolicy Fail) would judge every other test's Jobs."""
-    with ControlPlane(tmp_path_factory.mktemp("kueue-plane")) as plane:
+    urgent = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "urgent"},
+              "value": 1000, "description": "preempts other fine-tuning runs"}
+    with queued_plane(tmp_path_factory.mktemp("kueue"), NAMESPACE, QUEUE, [urgent]) as plane:
         yield plane
 
 
 @pytest.fixture(scope="module")
-def kueue(plane, tmp_path_factory) -> Component:
-    manager = start_kueue(plane, tmp_path_factory.mktemp("kueue"))
-    yield manager
-    manager.stop()
-
-
-@pytest.fixture(scope="module")
-def operator(plane, kueue, tmp_path_factory):
-    apply_crds(plane)
-    plane.kubectl("create", "namespace", NAMESPACE)
+def operator(plane, tmp_path_factory):
     plane.kubectl("create", "serviceaccount", "kubetune-trainer", "-n", NAMESPACE)
-    for doc in [
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default-flavor"}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": QUEUE}, "spec": {
-            "namespaceSelector": {},
-            "preemption": {"withinClusterQueue": "LowerPriority"},
-            "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"], "flavors": [{
-                "name": "default-flavor", "resources": [
-                    {"name": "cpu", "nominalQuota": 64}, {"name": "memory", "nominalQuota": "512Gi"},
-                    {"name": "nvidia.com/gpu", "nominalQuota": 1}]}]}]}},
-        {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "urgent"},
-         "value": 1000, "description": "preempts other fine-tuning runs"},
-    ]:
-        plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc))
-    kubectl_apply(plane, NAMESPACE, {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-                                     "metadata": {"name": QUEUE}, "spec": {"clusterQueue": QUEUE}})
     process = start_operator(tmp_path_factory.mktemp("operator") / "operator.log", [NAMESPACE],
                              kubeconfig=plane.admin_kubeconfig, env={"KUBETUNE_METRICS_PORT": str(free_port())})
     yield process

@@ -15,13 +15,11 @@ import asyncio
 import time
 
 import pytest
-import yaml
 
 from kubetune.controller.jobs import job_name
-from kubetune.local.controlplane import Component, ControlPlane
+from kubetune.local.controlplane import ControlPlane
 from tests.local.runs import finished, short_job, status_of
-from tests.realplane.conftest import apply_crds
-from tests.realplane.kueue_manager import start_kueue
+from tests.realplane.kueue_manager import queued_plane
 from tests.realplane.test_job_semantics import RESUMED, checkpoints, log_of, past, pod_ending, real_stack, running_pod
 from tests.support import eventually
 
@@ -31,35 +29,11 @@ EVERY = 2  # checkpointEverySteps of the low run: at most this many steps may be
 
 @pytest.fixture(scope="module")
 def plane(tmp_path_factory) -> ControlPlane:
-    """A plane of its own: Kueue's Job webhook (failurePolicy Fail) would judge every other test's Jobs."""
-    with ControlPlane(tmp_path_factory.mktemp("kueue-preemption-plane")) as plane:
+    priorities = [{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": name},
+                   "value": value, "description": f"{name}-priority fine-tuning runs"}
+                  for name, value in (("low", 10), ("high", 1000))]
+    with queued_plane(tmp_path_factory.mktemp("kueue-preemption"), NAMESPACE, QUEUE, priorities) as plane:
         yield plane
-
-
-@pytest.fixture(scope="module")
-def kueue(plane, tmp_path_factory) -> Component:
-    apply_crds(plane)
-    manager = start_kueue(plane, tmp_path_factory.mktemp("kueue"))
-    plane.kubectl("create", "namespace", NAMESPACE)
-    docs = [
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "default-flavor"}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": QUEUE}, "spec": {
-            "namespaceSelector": {},
-            "preemption": {"withinClusterQueue": "LowerPriority"},
-            "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"], "flavors": [{
-                "name": "default-flavor", "resources": [
-                    {"name": "cpu", "nominalQuota": 64}, {"name": "memory", "nominalQuota": "512Gi"},
-                    {"name": "nvidia.com/gpu", "nominalQuota": 1}]}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": QUEUE, "namespace": NAMESPACE}, "spec": {"clusterQueue": QUEUE}},
-        *({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": name},
-           "value": value, "description": f"{name}-priority fine-tuning runs"}
-          for name, value in (("low", 10), ("high", 1000))),
-    ]
-    for doc in docs:
-        plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(doc))
-    yield manager
-    manager.stop()
 
 
 def _condition(status: dict, type_: str) -> dict:
@@ -67,7 +41,7 @@ def _condition(status: dict, type_: str) -> dict:
 
 
 @pytest.mark.slow
-async def test_kueue_preempts_a_running_job_which_resumes_from_its_checkpoint(plane, kueue, tmp_path, smollm2_dir):
+async def test_kueue_preempts_a_running_job_which_resumes_from_its_checkpoint(plane, tmp_path, smollm2_dir):
     async with real_stack(plane, NAMESPACE, tmp_path, smollm2_dir, gpus=1) as stack:
         began = time.monotonic()
         timings: dict[str, float] = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 from kubetune.api.meta import now_rfc3339
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.local.jobcontrol import decide
-from kubetune.local.podruntime import CannotStart, Exit, PodRuntime, RunningPod
+from kubetune.local.podruntime import CannotStart, Exit, PodRuntime, RunningPod, every
 from kubetune.local.resources import Allocatable, Defaults, Requests, pod_requests, unschedulable, with_defaults
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,7 @@ class LocalExecutor:
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
-            while not stop.is_set():
-                try:
-                    await self.sync()
-                except Exception:  # noqa: BLE001 - a kubelet keeps going; the next pass retries
-                    log.exception("executor pass failed")
-                try:
-                    await asyncio.wait_for(stop.wait(), self.poll_s)
-                except TimeoutError:
-                    pass
+            await every(self.poll_s, self.sync, stop, "executor pass")
         finally:  # cancelled too: no pod process may outlive the executor
             # Every pod at once, each given at most the shutdown grace period.
             await asyncio.gather(*(self.runtime.stop(r, min(r.grace_s, self.shutdown_grace_s))

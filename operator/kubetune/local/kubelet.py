@@ -33,7 +33,7 @@ from pathlib import Path
 
 from kubetune.api.meta import now_rfc3339
 from kubetune.controller.kube import ApiError, KubeClient, path_for
-from kubetune.local.podruntime import CannotStart, Exit, PodRuntime, RunningPod
+from kubetune.local.podruntime import CannotStart, Exit, PodRuntime, RunningPod, every
 from kubetune.local.resources import Allocatable
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class NodeKubelet:
         self.started_at: dict[tuple[str, str], str] = {}
         self.stopping: dict[tuple[str, str], asyncio.Task] = {}
         self.finalized: set[tuple[str, str]] = set()  # deleted with grace 0, waiting for finalizers
+        self.status_at = 0.0  # loop time of the Node's last status write
 
     @property
     def running(self) -> dict[tuple[str, str], RunningPod]:
@@ -115,6 +116,7 @@ class NodeKubelet:
         await self._renew_lease()
 
     async def _node_status(self) -> None:
+        self.status_at = asyncio.get_running_loop().time()
         now = now_rfc3339()
         healthy = [(kind, "False", reason) for kind, reason in (
             ("MemoryPressure", "KubeletHasSufficientMemory"), ("DiskPressure", "KubeletHasNoDiskPressure"),
@@ -144,36 +146,19 @@ class NodeKubelet:
         else:
             await self.client.patch(path, {"spec": spec})
 
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
-        last_status = asyncio.get_running_loop().time()
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), LEASE_S / 4)
-                return
-            except TimeoutError:
-                pass
-            try:
-                await self._renew_lease()
-                if asyncio.get_running_loop().time() - last_status >= STATUS_EVERY_S:
-                    await self._node_status()
-                    last_status = asyncio.get_running_loop().time()
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next; the lease outlasts three
-                log.exception("node heartbeat failed")
+    async def _beat(self) -> None:
+        """The lease renewed (a missed beat is retried at the next: the lease outlasts three), and
+        the Node's status refreshed every STATUS_EVERY_S."""
+        await self._renew_lease()
+        if asyncio.get_running_loop().time() - self.status_at >= STATUS_EVERY_S:
+            await self._node_status()
 
     # -- the pods ---------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         await self.register()
-        heartbeat = asyncio.create_task(self._heartbeat(stop), name="node-heartbeat")
+        heartbeat = asyncio.create_task(every(LEASE_S / 4, self._beat, stop, "node heartbeat"), name="node-heartbeat")
         try:
-            while not stop.is_set():
-                try:
-                    await self.sync()
-                except Exception:  # noqa: BLE001 - a kubelet keeps going; the next pass retries
-                    log.exception("kubelet pass failed")
-                try:
-                    await asyncio.wait_for(stop.wait(), self.poll_s)
-                except TimeoutError:
-                    pass
+            await every(self.poll_s, self.sync, stop, "kubelet pass")
         finally:
             heartbeat.cancel()
             await self._shut_down()

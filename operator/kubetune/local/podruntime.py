@@ -43,6 +43,20 @@ TOKEN_SECONDS = 3607  # the kubelet's default for kube-api-access volumes (the A
 _FIELD = re.compile(r"^(metadata)\.(labels|annotations)\['(.+)'\]$")
 
 
+async def every(interval_s: float, step: Callable[[], Awaitable[None]], stop: asyncio.Event, what: str) -> None:
+    """Runs step() every interval_s until stop is set. A failed pass is logged and the next retries
+    it: a node keeps going through a flaky API server, as a kubelet does."""
+    while not stop.is_set():
+        try:
+            await step()
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("%s failed", what)
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except TimeoutError:
+            pass
+
+
 class CannotStart(Exception):
     """What a kubelet reports as CreateContainerConfigError (a missing Secret, say)."""
 
