@@ -72,6 +72,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 def register() -> str:
     AttentionInterface.register(NAME, varlen_attention)
-    AttentionMaskInterface.register(NAME, AttentionMaskInterface._global_mapping["sdpa"])
+    # A fresh instance's lookup is the class-wide mapping's, typed (the mapping itself mypy types as `function`).
+    AttentionMaskInterface.register(NAME, AttentionMaskInterface()["sdpa"])
     return NAME
 

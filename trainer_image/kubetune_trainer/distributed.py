@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -96,7 +97,7 @@ def union_size(ranks: Ranks, items: set) -> int:
     """How many distinct items all ranks hold together."""
     if not ranks.distributed:
         return len(items)
-    sets = [None] * ranks.world_size
+    sets: list[Any] = [None] * ranks.world_size
     dist.all_gather_object(sets, items)
     return len(set().union(*sets))
 
@@ -104,6 +105,6 @@ def union_size(ranks: Ranks, items: set) -> int:
 def total(ranks: Ranks, count: int) -> int:
     if not ranks.distributed:
         return count
-    values = [None] * ranks.world_size
+    values: list[Any] = [None] * ranks.world_size
     dist.all_gather_object(values, count)
     return sum(values)

@@ -8,12 +8,19 @@ its completion index as node rank and pod 0 of the headless Service as the rende
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from kubetune.api.finetunejob import Resources
-from kubetune.contract import (EXIT_CONFIG, EXIT_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, RENDEZVOUS_HOST_ENV,
-                               RENDEZVOUS_PORT)
+from kubetune.contract import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    RENDEZVOUS_HOST_ENV,
+    RENDEZVOUS_PORT,
+)
 
 
 def needs_launcher(resources: Resources, env: Mapping[str, str] = os.environ) -> bool:

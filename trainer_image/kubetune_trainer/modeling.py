@@ -24,7 +24,7 @@ class Placement:
     dtype: torch.dtype  # dtype of the trainable path and of an unquantized base
 
     @classmethod
-    def detect(cls) -> "Placement":
+    def detect(cls) -> Placement:
         if torch.cuda.is_available():
             return cls("cuda", torch.bfloat16)
         # CPU: fp32, since bf16 matmuls are slow there and would blur the merge-parity checks.
@@ -61,7 +61,8 @@ def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradie
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quant is None:
-        model.to(placement.device)
+        # functools.wraps types transformers' to() as unbound (typeshed's _Wrapped binds no self).
+        model.to(placement.device)  # type: ignore[arg-type]
     else:
         expand_nested_absmax(model)
     # No prepare_model_for_kbit_training: its fp32 copies of the embeddings and LM head cost 4 GiB
@@ -101,7 +102,10 @@ def expand_nested_absmax(model) -> int:
 
 def lora_config(spec: FineTuneJobSpec) -> LoraConfig:
     targets = spec.lora.target_modules
-    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout, bias="none",
+    # The ignore: peft annotates lora_alpha int, yet only divides by it (scaling = alpha / r); a
+    # fractional alpha is the spec's to give.
+    return LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]
+                      lora_dropout=spec.lora.dropout, bias="none",
                       task_type="CAUSAL_LM",
                       target_modules="all-linear" if targets == ["all-linear"] else list(targets))
 

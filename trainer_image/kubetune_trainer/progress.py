@@ -69,7 +69,7 @@ class PodAnnotationChannel:
         self.context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
 
     @classmethod
-    def from_env(cls) -> "PodAnnotationChannel | None":
+    def from_env(cls) -> PodAnnotationChannel | None:
         pod, namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
         api = os.environ.get("KUBETUNE_API_URL")
         if not api and os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -110,5 +110,5 @@ class ProgressReporter:
         for channel in self.channels:
             try:
                 channel.send(payload)
-            except Exception as exc:  # noqa: BLE001 - progress must never stop training
+            except Exception as exc:  # progress must never stop training
                 log.warning("progress report through %s failed: %s", type(channel).__name__, exc)

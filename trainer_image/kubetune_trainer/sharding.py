@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any, cast
 
 import torch
-from peft import set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -66,7 +67,7 @@ def save_adapter(model: FSDP, directory: Path, *, is_main: bool) -> None:
     state = adapter_state(model, is_main=is_main)
     if not is_main:
         return
-    peft_model = model.module
+    peft_model = cast(PeftModel, model.module)  # what the Trainer wrapped; torch types it as any Module
     name = peft_model.active_adapter
     directory.mkdir(parents=True, exist_ok=True)
     save_file({_without_adapter_name(key, name): tensor.contiguous() for key, tensor in state.items()},
@@ -87,17 +88,26 @@ class ShardedLoraTrainer(SFTTrainer):
     the Trainer saves the model (checkpoints, the final save_model), and resumes from it."""
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        save_adapter(self.model, Path(output_dir or self.args.output_dir), is_main=self.args.should_save)
+        # Once it wraps the model, the Trainer points self.model at the FSDP wrapper (its FSDP convention).
+        assert isinstance(self.model, FSDP), type(self.model)
+        directory = output_dir or self.args.output_dir
+        assert directory is not None  # TrainingArguments fills in a default
+        save_adapter(self.model, Path(directory), is_main=self.args.should_save)
 
-    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            # The Trainer would find the latest checkpoint itself, then call our _load_from_checkpoint,
+            # which loads nothing: the adapter would silently start from scratch.
+            raise ValueError("ShardedLoraTrainer resumes from a checkpoint directory, not True")
         if resume_from_checkpoint:
             # Before the Trainer wraps the model: each rank then keeps its shard of these weights.
             adapter = load_file(Path(resume_from_checkpoint) / SAFETENSORS_WEIGHTS_NAME)
-            loaded = set_peft_model_state_dict(self.model, adapter)
+            # Any: peft annotates the result `namedtuple` (the factory), which is no type.
+            loaded: Any = set_peft_model_state_dict(self.model, adapter)
             if loaded.unexpected_keys:
                 raise ConfigError(f"{resume_from_checkpoint}: adapter weights this model does not have: "
                                   f"{loaded.unexpected_keys[:3]}")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """The model's part of a checkpoint is the adapter, loaded by train() already. (The Trainer's

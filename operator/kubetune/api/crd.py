@@ -149,7 +149,8 @@ def peering_crds() -> list[dict[str, Any]]:
                          # Kopf writes each replica's heartbeat into status with a plain patch.
                          "properties": {"status": {"type": "object",
                                                    "x-kubernetes-preserve-unknown-fields": True}}}}}]}}
-    return [crd("KopfPeering", "kopfpeerings", "Namespaced"), crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster")]
+    return [crd("KopfPeering", "kopfpeerings", "Namespaced"),
+            crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster")]
 
 
 def crd_files(root: Path) -> dict[Path, str]:

@@ -8,12 +8,14 @@ both on every example and every invalid spec it knows and fails where they disag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Literal
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 GROUP = "kubetune.dev"
@@ -74,7 +76,8 @@ class ApiModel(BaseModel):
 
 
 class SecretRef(ApiModel):
-    name: str = Field(pattern=DNS1123_SUBDOMAIN, max_length=253, description="Name of a Secret in the resource's namespace.")
+    name: str = Field(pattern=DNS1123_SUBDOMAIN, max_length=253,
+                      description="Name of a Secret in the resource's namespace.")
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -92,10 +95,10 @@ class Condition(ApiModel):
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 CONDITIONS_SCHEMA_EXTRA = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 # A sub-object with defaults of its own: the API server fills it in when absent, so CEL rules
 # may read its fields without has() guards.
-DEFAULT_EMPTY = {"default": {}}
+DEFAULT_EMPTY: JsonDict = {"default": {}}

@@ -68,6 +68,7 @@ def reference_markdown() -> str:
     parts = [BEGIN]
     for kind in KINDS:
         spec = kind.model_fields["spec"].annotation
+        assert isinstance(spec, type) and issubclass(spec, BaseModel), spec
         parts += [f"\n#### {kind.model_fields['kind'].default} spec\n", "| field | type | default | meaning |",
                   "|---|---|---|---|", *_rows(spec, "spec")]
     parts.append(END)

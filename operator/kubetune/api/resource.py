@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import ConfigDict, Field
 
-from kubetune.api.meta import API_VERSION, DNS1123_SUBDOMAIN, ApiModel, Rule
+from kubetune.api.meta import DNS1123_SUBDOMAIN, ApiModel, Rule
 
 SpecT = TypeVar("SpecT", bound=ApiModel)
 StatusT = TypeVar("StatusT", bound=ApiModel)
@@ -32,7 +32,7 @@ class ObjectMeta(ApiModel):
 
 
 class Resource(ApiModel, Generic[SpecT, StatusT]):
-    api_version: Literal["kubetune.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["kubetune.dev/v1alpha1"] = "kubetune.dev/v1alpha1"
     kind: str
     metadata: ObjectMeta
     spec: SpecT

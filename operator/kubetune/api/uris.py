@@ -37,7 +37,7 @@ class StorageUri:
     def is_s3(self) -> bool:
         return self.scheme == "s3"
 
-    def join(self, *parts: str) -> "StorageUri":
+    def join(self, *parts: str) -> StorageUri:
         tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
         path = "/".join(p for p in (self.path.rstrip("/"), tail) if p)
         return StorageUri(self.scheme, self.authority, path)

@@ -11,10 +11,10 @@ import sys
 import kopf
 
 from kubetune.api import GROUP, VERSION
-from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
-from kubetune.controller.kube import TRANSIENT_STATUS, ApiError, KubeClient, KubeConfig
 from kubetune.controller import metrics
 from kubetune.controller.adapters import adapter_path, delete_artifacts, recheck_adapter, reconcile_adapter
+from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
+from kubetune.controller.kube import TRANSIENT_STATUS, ApiError, KubeClient, KubeConfig
 from kubetune.controller.merging import LABEL_ADAPTER_OWNER
 from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
 from kubetune.controller.settings import OperatorSettings
@@ -81,13 +81,15 @@ async def shutdown(memo: kopf.Memo, **_) -> None:
 @kopf.on.resume(GROUP, VERSION, "finetunejobs")
 @kopf.on.create(GROUP, VERSION, "finetunejobs")
 @kopf.on.update(GROUP, VERSION, "finetunejobs", field="spec")
-async def finetunejob_changed(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+async def finetunejob_changed(namespace: str | None, name: str, memo: kopf.Memo, **_) -> None:
+    assert namespace is not None  # kopf's type covers cluster-scoped kinds; ours are namespaced
     await _reconcile_latest(namespace, name, memo)
 
 
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=5, idle=2,
             when=lambda status, **_: (status or {}).get("phase") == "Queued")
-async def finetunejob_waiting(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+async def finetunejob_waiting(namespace: str | None, name: str, memo: kopf.Memo, **_) -> None:
+    assert namespace is not None
     # Re-checked until capacity frees up; reconcile admits waiting jobs in creation order.
     await _reconcile_latest(namespace, name, memo)
 
@@ -120,7 +122,8 @@ async def pod_event(labels, namespace, memo: kopf.Memo, **_) -> None:
 @kopf.on.resume(GROUP, VERSION, "loraadapters")
 @kopf.on.create(GROUP, VERSION, "loraadapters")
 @kopf.on.update(GROUP, VERSION, "loraadapters", field="spec")
-async def adapter_changed(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+async def adapter_changed(namespace: str | None, name: str, memo: kopf.Memo, **_) -> None:
+    assert namespace is not None
     await _adapter_latest(namespace, name, memo)
 
 
@@ -134,9 +137,11 @@ async def _adapter_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
 
 
 @kopf.daemon(GROUP, VERSION, "loraadapters", cancellation_timeout=5)
-async def adapter_rechecked(namespace: str, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_) -> None:
+async def adapter_rechecked(namespace: str | None, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                            **_) -> None:
     """Every KUBETUNE_REVERIFY_SECONDS: a Ready adapter's artifact is listed and compared with what
     was verified (cheap: no download); a change triggers a full verification."""
+    assert namespace is not None
     interval = memo.settings.reverify_seconds
     while interval and not stopped:
         await stopped.wait(interval)

@@ -15,9 +15,9 @@ from typing import Any
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.api.meta import API_VERSION
 from kubetune.api.uris import parse_uri
+from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_PREEMPTED, RENDEZVOUS_HOST_ENV, RENDEZVOUS_PORT
 from kubetune.controller.settings import OperatorSettings
 from kubetune.storage.config import REQUIRED_KEYS, SECRET_KEYS
-from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_PREEMPTED, RENDEZVOUS_HOST_ENV, RENDEZVOUS_PORT
 
 LABEL_JOB = "kubetune.dev/finetunejob"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"

@@ -18,9 +18,10 @@ import asyncio
 import json
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import kopf
@@ -68,10 +69,10 @@ class KubeConfig:
     cert_file: str | None = None
     key_file: str | None = None
     source: k8s_client.Configuration | None = field(default=None, compare=False, repr=False)
-    reload: Callable[[], "KubeConfig"] | None = field(default=None, compare=False, repr=False)
+    reload: Callable[[], KubeConfig] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def load(cls) -> "KubeConfig":
+    def load(cls) -> KubeConfig:
         """In a pod, its service account; elsewhere $KUBECONFIG (or ~/.kube/config)."""
         sa_dir = Path(os.environ.get(SA_DIR_ENV, SA_DIR))
         if os.environ.get("KUBERNETES_SERVICE_HOST") and (sa_dir / "token").exists():
@@ -79,7 +80,7 @@ class KubeConfig:
         return cls.from_kubeconfig(os.environ.get("KUBECONFIG", "~/.kube/config"))
 
     @classmethod
-    def in_cluster(cls, sa_dir: Path = SA_DIR) -> "KubeConfig":
+    def in_cluster(cls, sa_dir: Path = SA_DIR) -> KubeConfig:
         source = k8s_client.Configuration()
         try:
             k8s_config.incluster_config.InClusterConfigLoader(
@@ -90,7 +91,7 @@ class KubeConfig:
         return cls._from_source(source, lambda: cls.in_cluster(sa_dir))
 
     @classmethod
-    def from_kubeconfig(cls, path: str | Path, context: str | None = None) -> "KubeConfig":
+    def from_kubeconfig(cls, path: str | Path, context: str | None = None) -> KubeConfig:
         """`path` may list several files separated by ':', merged as kubectl does."""
         source = k8s_client.Configuration()
         try:
@@ -102,7 +103,7 @@ class KubeConfig:
         return cls._from_source(source, lambda: cls.from_kubeconfig(path, context))
 
     @classmethod
-    def _from_source(cls, source: k8s_client.Configuration, reload: Callable[[], "KubeConfig"]) -> "KubeConfig":
+    def _from_source(cls, source: k8s_client.Configuration, reload: Callable[[], KubeConfig]) -> KubeConfig:
         return cls(server=source.host, ca_file=source.ssl_ca_cert, insecure=not source.verify_ssl,
                    cert_file=source.cert_file, key_file=source.key_file, source=source, reload=reload)
 
@@ -115,7 +116,7 @@ class KubeConfig:
             return setting["value"] if setting else None
         return f"Bearer {self.token}" if self.token else None
 
-    def reloaded(self) -> "KubeConfig":
+    def reloaded(self) -> KubeConfig:
         return self.reload() if self.reload is not None else self
 
     def ssl_context(self) -> ssl.SSLContext | bool:
@@ -225,7 +226,7 @@ class KubeClient:
         return await self._request("PATCH", path, json=body, content_type="application/merge-patch+json")
 
     async def delete(self, path: str, propagation: str = "Background", grace_period_s: int | None = None) -> None:
-        options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
         if grace_period_s is not None:
             options["gracePeriodSeconds"] = grace_period_s
         try:

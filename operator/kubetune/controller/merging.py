@@ -9,8 +9,16 @@ from typing import Any
 from kubetune.api import LoraAdapter
 from kubetune.api.meta import API_VERSION
 from kubetune.api.uris import parse_uri
-from kubetune.controller.jobs import (LABEL_MANAGED, MANAGER, SPEC_FILE, SPEC_MOUNT, derived_name, pod_env,
-                                      pod_failure_policy, trainer_pod_spec)
+from kubetune.controller.jobs import (
+    LABEL_MANAGED,
+    MANAGER,
+    SPEC_FILE,
+    SPEC_MOUNT,
+    derived_name,
+    pod_env,
+    pod_failure_policy,
+    trainer_pod_spec,
+)
 from kubetune.controller.settings import OperatorSettings
 
 LABEL_ADAPTER_OWNER = "kubetune.dev/loraadapter"

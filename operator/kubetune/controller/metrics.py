@@ -75,7 +75,7 @@ def status_recorded(meta: dict, before: dict, patch: dict) -> None:
     if "phase" in patch:
         phase_recorded(namespace, name, patch["phase"])
         if patch["phase"] == "Failed" and before.get("phase") != "Failed":
-            failed = next((c for c in patch.get("conditions") or [] if c["type"] == "Failed"), {})
+            failed: dict = next((c for c in patch.get("conditions") or [] if c["type"] == "Failed"), {})
             FAILED.labels(failed.get("reason") or "Unknown").inc()
     if patch.get("progress"):
         _progress_recorded(namespace, name, patch["progress"])

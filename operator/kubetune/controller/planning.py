@@ -39,7 +39,7 @@ def _read_config(uri: str, storage: StorageConfig) -> dict | None:
 
 
 async def model_shape(client: KubeClient, ftj: FineTuneJob) -> ModelShape | None:
-    storage = await storage_config(client, ftj.metadata.namespace, ftj.spec.storage)
+    storage = await storage_config(client, ftj.metadata.namespace or "default", ftj.spec.storage)
     if parse_uri(ftj.spec.base_model.uri).scheme != "s3" or storage is None:
         return None
     config = await asyncio.to_thread(_read_config, ftj.spec.base_model.uri, storage)

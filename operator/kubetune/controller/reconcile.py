@@ -14,19 +14,41 @@ from kubetune.api import API_VERSION, FineTuneJob
 from kubetune.api.finetunejob import IMMUTABLE_AFTER_START, FineTuneJobSpec, changed_immutable_fields
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import validate_object
-from kubetune.controller.jobs import (KUEUE_API, KUEUE_JOB_UID_LABEL, LABEL_JOB, SPEC_FILE, build_configmap, build_job,
-                                     build_rendezvous_service, configmap_name, job_name, multi_node)
 from kubetune.controller import metrics
+from kubetune.controller.jobs import (
+    KUEUE_API,
+    KUEUE_JOB_UID_LABEL,
+    LABEL_JOB,
+    SPEC_FILE,
+    build_configmap,
+    build_job,
+    build_rendezvous_service,
+    configmap_name,
+    job_name,
+    multi_node,
+)
 from kubetune.controller.kube import ApiError, KubeClient, path_for
 from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.planning import plan_job
 from kubetune.controller.registry import ensure_adapter
 from kubetune.controller.secrets import NotReady
 from kubetune.controller.settings import OperatorSettings
+from kubetune.controller.status import (
+    CANCELLED_ANNOTATION,
+    TERMINAL,
+    Counters,
+    Observation,
+    broken_group,
+    cancellation,
+    count_pods,
+    join_problems,
+    merge_patch_changes,
+    observe,
+    set_condition,
+    settle_phase,
+    status_patch,
+)
 from kubetune.planning import DoesNotFit
-from kubetune.controller.status import (CANCELLED_ANNOTATION, TERMINAL, Counters, Observation, broken_group,
-                                       cancellation, count_pods, join_problems,
-                                       merge_patch_changes, observe, set_condition, settle_phase, status_patch)
 
 FTJ_PLURAL = "finetunejobs"
 NOT_READY_RETRY_S = 5  # a missing Secret or an unreachable store is looked at again this often
@@ -43,8 +65,7 @@ async def write_status(client: KubeClient, body: dict, patch: dict[str, Any]) ->
     meta = body["metadata"]
     if merge_patch_changes(body.get("status") or {}, patch):
         await client.patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
-    if "phase" in patch:
-        metrics.phase_recorded(meta["namespace"], meta["name"], patch["phase"])
+    metrics.status_recorded(meta, body.get("status") or {}, patch)
 
 
 async def _ahead_of(client: KubeClient, namespace: str, name: str, created: str) -> int:
@@ -134,7 +155,7 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, 
         if changed:
             message = (f"spec.{', spec.'.join(changed)} cannot change once the job has started; "
                        "the run continues with the spec it started with. Create a new FineTuneJob instead")
-            previous = next((c for c in status.get("conditions") or [] if c["type"] == "Validated"), {})
+            previous: dict = next((c for c in status.get("conditions") or [] if c["type"] == "Validated"), {})
             if (previous.get("reason"), previous.get("message")) != ("ImmutableFieldChanged", message):
                 kopf.warn(body, reason="ImmutableFieldChanged", message=message)
             validated = ("False", "ImmutableFieldChanged", message)
@@ -214,7 +235,8 @@ async def observe_and_record(client: KubeClient, body: dict, ftj: FineTuneJob, s
         kopf.info(body, reason="GroupRestart", message=f"stopped {pod['metadata']['name']}: a pod of its group "
                                                        "stopped, so all ranks restart and resume together")
     counters = count_pods(Counters.from_status(status), pods)
-    workload = await _workload(client, namespace, job) if ftj.spec.queue_name and _suspended(job) else None
+    workload = (await _workload(client, namespace, job)
+                if job is not None and ftj.spec.queue_name and _suspended(job) else None)
     obs = replace(observe(ftj.spec.suspend, job, pods, workload), **counters.fields())
     obs = settle_phase(status.get("phase"), bool(status.get("startTime")) or counters.attempts > 0, obs)
     if obs.phase == "Succeeded" and not status.get("adapterRef"):

@@ -19,7 +19,7 @@ class OperatorSettings:
     reverify_seconds: int = 3600  # Ready adapters' periodic listing check; 0: never
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorSettings:
         env = dict(os.environ) if env is None else env
         return cls(
             trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", cls.trainer_image),

@@ -69,7 +69,7 @@ def set_condition(conditions: list[dict], type_: str, status: str, reason: str, 
     old = next((c for c in conditions if c.get("type") == type_), None)
     changed = old is None or old.get("status") != status
     out.append({"type": type_, "status": status, "reason": reason, "message": message,
-                "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),
+                "lastTransitionTime": now if changed or old is None else old.get("lastTransitionTime", now),
                 "observedGeneration": generation})
     return sorted(out, key=lambda c: c["type"])
 
@@ -164,7 +164,7 @@ class Counters:
     counted: tuple[tuple[str, str], ...] = ()  # (uid, outcome) of existing pods already counted
 
     @classmethod
-    def from_status(cls, status: dict) -> "Counters":
+    def from_status(cls, status: dict) -> Counters:
         return cls(status.get("attempts") or 0, status.get("failures") or 0, status.get("preemptions") or 0,
                    tuple((p["uid"], p["outcome"]) for p in status.get("countedPods") or []))
 
@@ -202,7 +202,7 @@ def count_pods(before: Counters, pods: list[dict]) -> Counters:
     return Counters(attempts, failures, preemptions, tuple(counted))
 
 
-def settle_phase(previous: str | None, started: bool, obs: "Observation") -> "Observation":
+def settle_phase(previous: str | None, started: bool, obs: Observation) -> Observation:
     """No backward phase: a finished run stays finished, and a started one stays Running between
     one pod's end and the next one's start (or the Job's completion)."""
     if previous in TERMINAL and obs.phase != previous:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import itertools
+import json
 import re
 import uuid
+
 import aiohttp.web
 import kmock
 from kmock import KubernetesEmulator, KubernetesScaffold
@@ -202,6 +203,7 @@ class ApiServer(KubernetesEmulator):
     # -- reads ------------------------------------------------------------------------------------
     async def _serve_version(self, request) -> kmock.Payload:
         listing = await super()._serve_version(request)
+        assert isinstance(listing, dict)  # kmock's APIResourceList
         listing["groupVersion"] = _group_version(request.resource)  # "v1" for the core group, not "/v1"
         for entry in listing["resources"]:
             if "/" in entry["name"]:  # subresources have no short names or categories of their own
@@ -267,7 +269,9 @@ class ApiServer(KubernetesEmulator):
             return to_table([found], columns, str(self.revision))
         return found
 
-    async def _serve_watch(self, request) -> aiohttp.web.StreamResponse:
+    # The ignore: kmock's is an async generator of payloads; kmock serves a handler's own aiohttp
+    # response just as well, and this one must set headers that a payload cannot.
+    async def _serve_watch(self, request) -> aiohttp.web.StreamResponse:  # type: ignore[override]
         """A JSON event stream (kmock's is untyped octet-stream, which client-go refuses), with the
         bookmark that ends the initial events when the client asks for them (sendInitialEvents)."""
         labels = label_selector(request.params.get("labelSelector"))

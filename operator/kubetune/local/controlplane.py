@@ -41,9 +41,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -153,13 +154,13 @@ class ControlPlane:
 
     # -- life cycle ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         began = time.monotonic()
         bin_dir = self.bin_dir or binaries_dir()
         for directory in (self.state, self.pki_dir, self.logs):

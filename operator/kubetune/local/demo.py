@@ -56,16 +56,18 @@ def _progress_line(status: dict, started: float) -> str:
 
 
 async def run_demo(state: Path, manifest_file: Path, timeout_s: float = 1800) -> int:
-    doc = yaml.safe_load(manifest_file.read_text())
+    doc = yaml.safe_load(await asyncio.to_thread(manifest_file.read_text))
     name, namespace = doc["metadata"]["name"], doc["metadata"].get("namespace", "default")
     async with LocalStack(state) as stack:
+        assert stack.storage is not None  # a started stack serves S3
         print(f"local stack: API {stack.url}, S3 {stack.storage.endpoint}; "
               f"kubectl: KUBECONFIG={stack.kubeconfig} kubectl get ftj")
         await asyncio.to_thread(prepare_inputs, stack)
         started = time.monotonic()
         await stack.apply(doc)
         print(f"applied     {manifest_file} (FineTuneJob {namespace}/{name})")
-        path, last, status = path_for(doc["apiVersion"], "finetunejobs", namespace, name), "", {}
+        path, last = path_for(doc["apiVersion"], "finetunejobs", namespace, name), ""
+        status: dict = {}
         while time.monotonic() - started < timeout_s:
             status = ((await stack.client.get(path)) or {}).get("status") or {}
             line = _progress_line(status, started)
@@ -90,7 +92,7 @@ async def run_demo(state: Path, manifest_file: Path, timeout_s: float = 1800) ->
 
 def _report(stack: LocalStack, adapter: dict, elapsed: float) -> int:
     status = adapter.get("status") or {}
-    verified = next((c for c in status.get("conditions", []) if c["type"] == "Verified"), {})
+    verified: dict = next((c for c in status.get("conditions", []) if c["type"] == "Verified"), {})
     print(f"\nLoraAdapter {adapter['metadata']['name']}: {status.get('phase')} "
           f"(stage {status.get('stage')}; Verified={verified.get('status')}: {verified.get('message')})")
     location = open_location(adapter["spec"]["artifact"]["uri"], storage=stack.storage, volume_root=Path("/"))

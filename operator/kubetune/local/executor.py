@@ -148,7 +148,7 @@ class LocalExecutor:
         if reason is None:
             await self._launch(pod, wanted)
             return
-        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
+        scheduled: dict = next((c for c in (pod.get("status") or {}).get("conditions") or []
                           if c.get("type") == "PodScheduled"), {})
         if scheduled.get("message") != reason:  # written once, not on every pass
             await self._pod_status(pod, {"phase": "Pending", "conditions": [{
@@ -202,7 +202,8 @@ class LocalExecutor:
         pod = await self.client.get(path_for("v1", "pods", namespace, name))
         if pod is None:
             return
-        conditions = [c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") != "DisruptionTarget"]
+        conditions = [c for c in (pod.get("status") or {}).get("conditions") or []
+                      if c.get("type") != "DisruptionTarget"]
         conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
                            "message": "Eviction API: evicting", "lastTransitionTime": now_rfc3339()})
         await self._pod_status(pod, {"conditions": conditions})

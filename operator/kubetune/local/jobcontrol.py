@@ -53,7 +53,8 @@ def decide(job: dict, pods: list[dict]) -> JobDecision:
         return JobDecision(stop_pods=bool(active), condition="Suspended", reason="JobSuspended",
                            message="Job suspended")
     if any((p.get("status") or {}).get("phase") == "Succeeded" for p in pods):
-        return JobDecision(condition="Complete", reason="Completed", message="Reached expected number of succeeded pods")
+        return JobDecision(condition="Complete", reason="Completed",
+                           message="Reached expected number of succeeded pods")
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     actions = [failure_action(job, p) for p in failed]
     if "FailJob" in actions:

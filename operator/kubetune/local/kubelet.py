@@ -28,6 +28,7 @@ import asyncio
 import datetime
 import logging
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,8 @@ class NodeKubelet:
         spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_S, "renewTime": _micro_time()}
         if await self.client.get(path) is None:
             node = await self.client.get(f"/api/v1/nodes/{self.name}")
+            if node is None:  # deleted since `register`; `every` logs this and the next beat retries
+                raise RuntimeError(f"node {self.name} not found: its lease cannot name it as owner")
             await self.client.create(path_for("coordination.k8s.io/v1", "leases", "kube-node-lease"), {
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": "kube-node-lease", "ownerReferences": [{
@@ -299,7 +302,7 @@ class NodeKubelet:
         self.finalized.add(key)
 
     async def _write_status(self, pod: dict, status: dict, *, ready: bool, started: bool = True,
-                            terminated: bool = False, extra_conditions: list[dict] = ()) -> bool:
+                            terminated: bool = False, extra_conditions: Sequence[dict] = ()) -> bool:
         """One status write, conditional on the pod being as read (its resourceVersion); False when it
         changed in between, so that the next pass writes from what it then is."""
         existing = [c for c in (pod.get("status") or {}).get("conditions") or []

@@ -41,7 +41,7 @@ def _name(common_name: str, organizations: tuple[str, ...] = ()) -> x509.Name:
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
             # Backdated a little: the processes that check it may read a clock a moment behind.
@@ -55,10 +55,13 @@ class CertificateAuthority:
     def __init__(self, pair: Pair):
         self.pair = pair
         self._cert = x509.load_pem_x509_certificate(pair.cert.read_bytes())
-        self._key = serialization.load_pem_private_key(pair.key.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(pair.key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):  # `create` writes only ECDSA keys
+            raise TypeError(f"{pair.key}: not an ECDSA private key")
+        self._key = key
 
     @classmethod
-    def create(cls, directory: Path, common_name: str = "kubetune-local-ca") -> "CertificateAuthority":
+    def create(cls, directory: Path, common_name: str = "kubetune-local-ca") -> CertificateAuthority:
         key = _key()
         name = _name(common_name)
         cert = (_builder(name, name, key.public_key())

@@ -27,9 +27,10 @@ import re
 import shutil
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any
 
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.local.resources import CpuShare, cpu_share
@@ -49,7 +50,7 @@ async def every(interval_s: float, step: Callable[[], Awaitable[None]], stop: as
     while not stop.is_set():
         try:
             await step()
-        except Exception:  # noqa: BLE001 - see the docstring
+        except Exception:  # see the docstring
             log.exception("%s failed", what)
         try:
             await asyncio.wait_for(stop.wait(), interval_s)
@@ -116,7 +117,7 @@ class PodRuntime:
         env = await self._environment(pod, container, mounts, pod_dir, share, gpus)
         argv = (container.get("command") or self.entrypoint) + [_translate(a, mounts, pod_dir)
                                                                 for a in container.get("args", [])]
-        with open(pod_dir / "container.log", "ab") as out:
+        with await asyncio.to_thread(open, pod_dir / "container.log", "ab") as out:
             # preexec_fn: a cpuset must hold from the first instruction, before the process starts
             # any thread (threads inherit it); there is no other portable way to set it for a child.
             process = await asyncio.create_subprocess_exec(
@@ -156,6 +157,7 @@ class PodRuntime:
         self.running.pop((running.namespace, running.name), None)
         (running.pod_dir / "pid").unlink(missing_ok=True)
         code = running.process.returncode
+        assert code is not None, "forget() before the process exited"  # callers stop or wait first
         code = 128 - code if code < 0 else code  # killed by a signal
         try:
             message = running.termination_log.read_text(errors="replace")[:MAX_TERMINATION_MESSAGE]
@@ -289,7 +291,7 @@ def field_value(pod: dict, field_path: str) -> str:
     """A downward-API fieldRef: `metadata.name`, `spec.nodeName`, `metadata.annotations['k']`..."""
     if match := _FIELD.match(field_path):
         return str(((pod.get("metadata") or {}).get(match.group(2)) or {}).get(match.group(3), ""))
-    value = pod
+    value: Any = pod
     for part in field_path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return "" if value is None else str(value)

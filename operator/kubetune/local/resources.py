@@ -49,7 +49,7 @@ class Allocatable:
 
     @classmethod
     def of_this_machine(cls, *, gpus: int = 0, cpu: float | None = None, memory: int | None = None,
-                        gpu_resource: str = "nvidia.com/gpu") -> "Allocatable":
+                        gpu_resource: str = "nvidia.com/gpu") -> Allocatable:
         cpus = cpu if cpu is not None else len(os.sched_getaffinity(0))
         if memory is None:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -66,7 +66,7 @@ class Requests:
     memory: Decimal = Decimal(0)
     gpus: int = 0
 
-    def __add__(self, other: "Requests") -> "Requests":
+    def __add__(self, other: Requests) -> Requests:
         return Requests(self.cpu + other.cpu, self.memory + other.memory, self.gpus + other.gpus)
 
 

@@ -64,8 +64,8 @@ class S3Server:
 
     @property
     def config(self) -> StorageConfig:
-        return StorageConfig(endpoint=f"127.0.0.1:{self.s3_port}", access_key=self.access_key, secret_key=self.secret_key,
-                             secure=False, region="us-east-1")
+        return StorageConfig(endpoint=f"127.0.0.1:{self.s3_port}", access_key=self.access_key,
+                             secret_key=self.secret_key, secure=False, region="us-east-1")
 
     def start(self, timeout: float = 60) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ class S3Server:
             try:
                 client.list_buckets()
                 return
-            except Exception as exc:  # noqa: BLE001 - not up yet
+            except Exception as exc:  # not up yet
                 last = exc
                 time.sleep(0.2)
         raise TimeoutError(f"S3 server not ready after {timeout}s: {last}; see {self.log_path}")

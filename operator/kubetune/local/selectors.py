@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Match = Callable[[dict], bool]
 _SET = re.compile(r"^\s*([^\s!=,()]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
@@ -27,10 +28,9 @@ def _requirement(text: str, get: Callable[[dict, str], Any]) -> Match:
     if m := _SET.match(text):
         key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
         return (lambda o: get(o, key) in values) if op == "in" else (lambda o: get(o, key) not in values)
-    for op in ("!=", "==", "="):
-        if op in text:
-            key, _, value = (s.strip() for s in text.partition(op))
-            return (lambda o: get(o, key) != value) if op == "!=" else (lambda o: get(o, key) == value)
+    if op := next((op for op in ("!=", "==", "=") if op in text), None):
+        key, _, value = (s.strip() for s in text.partition(op))
+        return (lambda o: get(o, key) != value) if op == "!=" else (lambda o: get(o, key) == value)
     if text.startswith("!"):
         return lambda o: get(o, text[1:].strip()) is None
     return lambda o: get(o, text) is not None

@@ -77,14 +77,14 @@ class LocalStack:
     def real(self) -> bool:
         return self.control_plane != "emulator"
 
-    async def __aenter__(self) -> "LocalStack":
+    async def __aenter__(self) -> LocalStack:
         try:
             return await self._start()
         except BaseException:
             await self._shut_down()
             raise
 
-    async def _start(self) -> "LocalStack":
+    async def _start(self) -> LocalStack:
         self.state.mkdir(parents=True, exist_ok=True)
         agent = await (self._start_real() if self.real else self._start_emulator())
         for kind in (FineTuneJob, LoraAdapter):

@@ -6,7 +6,8 @@ import logging
 import random
 import ssl
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import certifi
 import urllib3
@@ -54,7 +55,7 @@ def with_retries(what: str, op: Callable[[], T], *, budget_s: float = 120, base_
     while True:
         try:
             return op()
-        except Exception as exc:  # noqa: BLE001 - classified right below
+        except Exception as exc:  # classified right below
             if not is_transient(exc):
                 raise
             if time.monotonic() + delay > deadline:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 # Secret keys, and the environment variables the trainer Job maps them to.
 SECRET_KEYS = {
@@ -37,7 +37,7 @@ class StorageConfig:
     ca_bundle_pem: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, str], source: str) -> "StorageConfig":
+    def from_mapping(cls, data: Mapping[str, str], source: str) -> StorageConfig:
         missing = [k for k in REQUIRED_KEYS if not data.get(k)]
         if missing:
             raise StorageConfigError(f"{source} lacks {', '.join(missing)}")
@@ -50,13 +50,13 @@ class StorageConfig:
                    region=data.get("region") or None, secure=secure, ca_bundle_pem=data.get("caBundle") or None)
 
     @classmethod
-    def from_secret(cls, secret: Mapping, name: str) -> "StorageConfig":
+    def from_secret(cls, secret: Mapping, name: str) -> StorageConfig:
         """From a v1 Secret object as the API returns it (base64 `data`, or `stringData`)."""
         data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
         data.update(secret.get("stringData") or {})
         return cls.from_mapping(data, f"Secret {name}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "StorageConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StorageConfig:
         env = os.environ if env is None else env
         return cls.from_mapping({k: env.get(v, "") for k, v in SECRET_KEYS.items()}, "the environment")

@@ -6,6 +6,7 @@ operator's verification, have one code path whatever the spec's URI scheme.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import os
@@ -61,7 +62,7 @@ def _check(path: Path, what: str, size: int | None, sha256: str | None) -> None:
 class Location(Protocol):
     uri: str
 
-    def child(self, rel: str) -> "Location": ...
+    def child(self, rel: str) -> Location: ...
     def ensure_ready(self) -> None: ...
     def put_file(self, rel: str, path: Path) -> None: ...
     def put_bytes(self, rel: str, data: bytes) -> None: ...
@@ -69,7 +70,8 @@ class Location(Protocol):
     def get_file(self, rel: str, dest: Path, *, size: int | None = None, sha256: str | None = None) -> None: ...
     def list(self, rel_prefix: str = "") -> list[ObjectInfo]: ...
     def delete_prefix(self, rel_prefix: str) -> int: ...
-    def delete_keys(self, rels: list[str]) -> int: ...
+    # builtins.list: in a class body that defines list(), `list` names the method
+    def delete_keys(self, rels: builtins.list[str]) -> int: ...
 
 
 def _rel_join(*parts: str) -> str:
@@ -92,7 +94,7 @@ class LocalLocation:
     def ensure_ready(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def child(self, rel: str) -> "LocalLocation":
+    def child(self, rel: str) -> LocalLocation:
         return LocalLocation(self._path(rel), f"{self.uri.rstrip('/')}/{rel.strip('/')}")
 
     def _atomic_write(self, rel: str, write) -> None:
@@ -143,7 +145,7 @@ class LocalLocation:
         shutil.rmtree(target, ignore_errors=True)
         return count
 
-    def delete_keys(self, rels: list[str]) -> int:
+    def delete_keys(self, rels: builtins.list[str]) -> int:
         """Exactly these files, in this order; those already gone are not counted."""
         removed = 0
         for rel in rels:
@@ -168,7 +170,7 @@ class S3Location:
     def _retry(self, what: str, op):
         return with_retries(what, op, budget_s=self.retry_budget_s)
 
-    def child(self, rel: str) -> "S3Location":
+    def child(self, rel: str) -> S3Location:
         return S3Location(self.client, self.bucket, self._key(rel), retry_budget_s=self.retry_budget_s)
 
     def ensure_ready(self) -> None:
@@ -270,7 +272,7 @@ class S3Location:
                 raise RuntimeError(f"could not delete {len(errors)} object(s) under {self.uri}/{rel_prefix}")
         return len(objects)
 
-    def delete_keys(self, rels: list[str]) -> int:
+    def delete_keys(self, rels: builtins.list[str]) -> int:
         """Exactly these keys, in one batch (S3 deletes of absent keys succeed); the count of those
         that existed."""
         present = {o.rel for o in self.list()}

@@ -39,7 +39,7 @@ class Manifest:
         return json.dumps(body, indent=2, sort_keys=False).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Manifest":
+    def from_json(cls, data: bytes) -> Manifest:
         body = json.loads(data)
         files = [FileEntry(**f) for f in body.pop("files")]
         kind, created = body.pop("kind"), body.pop("createdAt", "")
