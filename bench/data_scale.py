@@ -10,6 +10,7 @@ an output of a few dozen to a few hundred words.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import random
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +45,34 @@ def peak_rss_gib() -> dict[str, float]:
     return {"process": round(own, 3), "largestWorker": round(workers, 3)}
 
 
+class MemorySampler(threading.Thread):
+    """Peaks of this process's memory by kind, sampled: ru_maxrss alone cannot tell the process's
+    own (anonymous) memory from file pages of the memory-mapped Arrow files it has touched, which
+    count in RSS while mapped but are page cache the kernel can drop."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.interval, self.peaks = interval, {}
+
+    def sample(self) -> None:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in self.FIELDS:
+                    self.peaks[key] = max(self.peaks.get(key, 0), int(rest.split()[0]))
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.sample()
+
+    def gib(self) -> dict[str, float]:
+        self.sample()
+        return {k: round(v / 2**20, 3) for k, v in sorted(self.peaks.items())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
@@ -61,10 +91,13 @@ def main() -> int:
         write_alpaca(path, args.rows)
         written = time.monotonic() - t0
         tokenizer = load_tokenizer(args.tokenizer)
+        sampler = MemorySampler()
+        sampler.start()
         t0 = time.monotonic()
         data = prepare(path, "pvc://bench/alpaca.jsonl", Dataset(uri="pvc://bench/alpaca.jsonl", format="alpaca"),
                        Training(maxSeqLength=args.max_seq_length), tokenizer, cache_dir=Path(scratch) / "cache")
         prepared = time.monotonic() - t0
+        peak_preparing = sampler.gib()
         t0 = time.monotonic()
         cached = prepare(path, "pvc://bench/alpaca.jsonl", Dataset(uri="pvc://bench/alpaca.jsonl", format="alpaca"),
                          Training(maxSeqLength=args.max_seq_length), tokenizer, cache_dir=Path(scratch) / "cache")
@@ -72,8 +105,11 @@ def main() -> int:
         result = {
             "rows": args.rows, "fileBytes": path.stat().st_size, "secondsToWriteFile": round(written, 1),
             "secondsFileToPackedRows": round(prepared, 1), "secondsFromCache": round(from_cache, 2),
-            "peakRssGiB": peak_rss_gib(), "report": data.report.to_dict(), "packedRows": len(cached.rows),
+            "peakRssGiB": peak_rss_gib(), "peakMemoryGiB": {"preparing": peak_preparing, "overall": sampler.gib()},
+            "report": data.report.to_dict(), "packedRows": len(cached.rows),
             "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "versions": {name: importlib.metadata.version(name)
+                         for name in ("datasets", "pyarrow", "trl", "transformers", "tokenizers")},
             "command": " ".join(sys.argv),
         }
     print(json.dumps(result, indent=2))

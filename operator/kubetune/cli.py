@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(run=_cmd_validate)
 
     crds = sub.add_parser("crds", help="CustomResourceDefinitions").add_subparsers(dest="crds_command", required=True)
-    generate = crds.add_parser("generate", help="write crds/, the chart's CRDs and the README reference from the models")
+    generate = crds.add_parser("generate",
+                               help="write crds/, the chart's CRDs and the README reference from the models")
     generate.add_argument("--root", default=".", help="repository root")
     generate.add_argument("--check", action="store_true", help="write nothing; exit 1 if anything is out of date")
     generate.set_defaults(run=_cmd_crds_generate)
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kubetune.datasets_cli import register as register_datasets
     register_datasets(sub)
+    from kubetune.runs_cli import register as register_runs
+    register_runs(sub)
 
     adapters = sub.add_parser("adapters", help="LoraAdapters in the cluster").add_subparsers(
         dest="adapters_command", required=True)
@@ -213,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bundle = sub.add_parser("bundle", help="write the images, chart, CRDs and optional base models into one "
                                            "checksummed directory for an air-gapped install")
-    from kubetune.bundle import add_arguments as add_bundle_arguments, run as run_bundle
+    from kubetune.bundle import add_arguments as add_bundle_arguments
+    from kubetune.bundle import run as run_bundle
     add_bundle_arguments(bundle)
     bundle.set_defaults(run=run_bundle)
 

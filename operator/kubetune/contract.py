@@ -13,6 +13,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after checkpointing; resu
 EXIT_CONFIG = 78  # EX_CONFIG: the spec, model or credentials are unusable; retrying will not help
 
 PROGRESS_ANNOTATION = "kubetune.dev/progress"
+# The run's per-step history, at the root of its artifact and listed in its manifest.
+HISTORY_FILE = "history.jsonl"
 
 # Multi-node runs: torchrun's rendezvous on pod 0 of the Indexed Job, through the headless Service.
 RENDEZVOUS_HOST_ENV = "KUBETUNE_RENDEZVOUS_HOST"

@@ -1,8 +1,9 @@
 """`kubetune datasets check` and `kubetune datasets push`: a dataset checked on the laptop with the
 trainer's own readers and formatting, before any GPU is held, then uploaded with its sha256.
 
-The check runs exactly what the trainer pod runs (kubetune_trainer.data.prepare): the same error
-messages, the same truncation and hold-out split. It needs the trainer extra (`.[trainer]`).
+The check runs exactly what the trainer pod runs (kubetune_trainer.data.prepare, or for --method dpo
+kubetune_trainer.preference.prepare_preferences): the same error messages, the same truncation and
+hold-out split. It needs the trainer extra (`.[trainer]`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, push: bool) -> None:
     if push:
         parser.add_argument("uri", help="s3://bucket/key (a directory goes under it as key/PART)")
     parser.add_argument("--format", default="auto", choices=["auto", "alpaca", "chat", "prompt-completion", "text"])
+    parser.add_argument("--method", default="sft", choices=["sft", "dpo"],
+                        help="the job's objective.type: dpo reads preference pairs (prompt, chosen, rejected)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer", type=Path, help="a local model or tokenizer directory")
     source.add_argument("--base-model", help="the base model's URI (s3:// or a local directory); only its "
@@ -60,7 +63,7 @@ def _percentiles(lengths) -> dict[str, int]:
     if not len(lengths):
         return {}
     values = np.percentile(lengths, [50, 90, 99, 100], method="nearest")
-    return dict(zip(("p50", "p90", "p99", "max"), (int(v) for v in values)))
+    return dict(zip(("p50", "p90", "p99", "max"), (int(v) for v in values), strict=True))
 
 
 def check(args) -> dict:
@@ -69,10 +72,13 @@ def check(args) -> dict:
 
     from kubetune.api.finetunejob import Dataset, Training
 
-    spec_dataset = Dataset(uri="pvc://local/data", format=args.format, validationSplit=args.validation_split,
-                           completionOnlyLoss=args.completion_only_loss)
-    training = Training(maxSeqLength=args.max_seq_length, seed=args.seed)
+    # field names, not aliases: the models populate by name, and mypy knows the names
+    spec_dataset = Dataset(uri="pvc://local/data", format=args.format, validation_split=args.validation_split,
+                           completion_only_loss=args.completion_only_loss)
+    training = Training(max_seq_length=args.max_seq_length, seed=args.seed)
     path = Path(args.path)
+    if args.method == "dpo":
+        return _check_pairs(args, path, spec_dataset, training)
     with tempfile.TemporaryDirectory(prefix="kubetune-check-") as scratch:
         tokenizer = _tokenizer(args, Path(scratch))
         from kubetune_trainer.data import prepare
@@ -84,6 +90,21 @@ def check(args) -> dict:
             "train": report["train"], "holdout": report["validation"], "rows": report["rows"],
             "truncated": report["truncated"], "truncatedWhere": report["truncated_where"],
             "tokenLengths": _percentiles(lengths), "maxSeqLength": args.max_seq_length}
+
+
+def _check_pairs(args, path: Path, spec_dataset, training) -> dict:
+    if args.format != "auto":
+        raise ValueError("--method dpo reads prompt/chosen/rejected records: leave --format auto")
+    with tempfile.TemporaryDirectory(prefix="kubetune-check-") as scratch:
+        tokenizer = _tokenizer(args, Path(scratch))
+        from kubetune_trainer.preference import prepare_preferences
+
+        data = prepare_preferences(path, str(path), spec_dataset, training, tokenizer)
+    report = data.report
+    return {"file": str(path), "sha256": report.sha256, "format": report.format, "records": report.records,
+            "train": report.train, "holdout": report.validation, "rows": report.rows,
+            "truncated": report.truncated, "truncatedWhere": report.truncated_where,
+            "tokenLengths": _percentiles(data.train_lengths), "maxSeqLength": args.max_seq_length}
 
 
 def _print(report: dict, as_json: bool) -> None:

@@ -110,7 +110,8 @@ async def bad_job_requests(stack: LocalStack, service, port: int) -> None:
         "hyperparameters.n_epochs: input should be 'auto' or input should be a valid integer")
     assert (await refused("seed", extra_body={"seed": 1.5})).endswith("seed: input should be a valid integer")
     assert "colour: unknown field" in await refused("colour", extra_body={"colour": "blue"})
-    assert "is not available" in await refused("method.type", method={"type": "dpo"})
+    assert "is not available" in await refused("method.type", method={"type": "reinforcement"})
+    assert "method dpo needs preference pairs" in await refused("training_file", method={"type": "dpo"})
     assert "not supported" in await refused("validation_file", validation_file=file.id)
 
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:

@@ -21,9 +21,10 @@ def entry(**defaults) -> CatalogEntry:
                                         "defaults": {"method": "lora", "resources": {"gpus": 0}, **defaults}})
 
 
-def build(body: dict, **defaults) -> dict:
+def build(body: dict, file_format: str | None = None, **defaults) -> dict:
     request = JobCreate.model_validate({"model": "smol", "training_file": "file-abc", **body})
-    return mapping.build_job(request, entry(**defaults), "team-a", "ftjob-0123456789abcdef", DATA, PLACEMENT)
+    return mapping.build_job(request, entry(**defaults), "team-a", "ftjob-0123456789abcdef", DATA, PLACEMENT,
+                             file_format)
 
 
 def test_request_becomes_a_valid_finetunejob():
@@ -47,7 +48,7 @@ def test_method_supervised_carries_the_hyperparameters():
 
 
 @pytest.mark.parametrize("body, param, text", [
-    ({"method": {"type": "dpo"}}, "method.type", "method 'dpo' is not available"),
+    ({"method": {"type": "reinforcement"}}, "method.type", "method 'reinforcement' is not available"),
     ({"validation_file": "file-x"}, "validation_file", "validation_file is not supported"),
     ({"hyperparameters": {"batch_size": 4}, "method": {"type": "supervised", "supervised": {}}},
      "hyperparameters", "not both"),

@@ -1,10 +1,15 @@
 """From a dataset file (or a directory of parts) to tokenized, packed rows held by `datasets`.
 
 Records are read and checked by our readers (errors name the file, line or row, and field), then
-held as a `datasets.Dataset` (Arrow on disk, memory-mapped), rendered and tokenized with batched
-`map`, split, and packed. The result is cached under a key of everything that decides it (the
+held as a `datasets.Dataset` (Arrow on disk, memory-mapped), split, rendered and tokenized with
+batched `map`, and packed. The result is cached under a key of everything that decides it (the
 data's sha256, the tokenizer, the data-affecting spec fields), so a resumed attempt loads it
 instead of tokenizing again, and one process per node prepares it while the others wait.
+
+Memory: pages of a memory-mapped Arrow file count in a process's RSS once read, until it is
+unmapped. So the preparing process reads the token lists once (to pack them) and otherwise only
+flags, counts and list offsets; each split is written once, by `map`, into the files the cache
+keeps, rather than selected from one table and copied out.
 
 Nothing is dropped silently: overlong examples are truncated and counted (or refused, naming the
 record), and the report records the data's sha256, the detected format and the split.
@@ -20,16 +25,20 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kubetune.api.finetunejob import Dataset, Training
 from kubetune_trainer import distributed
 from kubetune_trainer.formats import Renderer, Span, detect_format
 from kubetune_trainer.records import DatasetError, Record, dataset_parts, iter_records
 
+if TYPE_CHECKING:  # annotations only: imported where used, which keeps importing this module cheap
+    import datasets
+
 log = logging.getLogger(__name__)
 IGNORE = -100
 # Bump when what prepare() writes changes, so no older cache is read as this one.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 _MAP_BATCH = 1000
 _EMPTY = "empty-features.json"
 
@@ -59,9 +68,9 @@ class DataReport:
 class PreparedData:
     """train, validation: one example per record (input_ids, labels, where, prompt_text, reference);
     rows: what training batches are drawn from (input_ids, labels, seq_lengths, row)."""
-    train: "datasets.Dataset"  # noqa: F821
-    validation: "datasets.Dataset"  # noqa: F821
-    rows: "datasets.Dataset"  # noqa: F821
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    rows: datasets.Dataset
     report: DataReport
 
 
@@ -138,11 +147,13 @@ class _Tokenize:
         self.renderer = Renderer(tokenizer, name, completion_only=dataset.completion_only_loss and fmt != "text")
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        records = [Record(w, json.loads(r), f) for r, w, f in zip(batch["record"], batch["where"], batch["file"])]
+        records = [Record(w, json.loads(r), f)
+                   for r, w, f in zip(batch["record"], batch["where"], batch["file"], strict=True)]
         rendered = [self.renderer.render(self.fmt, record) for record in records]
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "where", "prompt_text", "reference",
                                                 "truncated", "loss_tokens")}
-        for record, spans, (ids, labels) in zip(records, rendered, tokenize_spans(self.tokenizer, rendered)):
+        tokenized = tokenize_spans(self.tokenizer, rendered)
+        for record, spans, (ids, labels) in zip(records, rendered, tokenized, strict=True):
             truncated = len(ids) > self.max_len
             if truncated:
                 if self.dataset.on_overlong == "refuse":
@@ -168,9 +179,44 @@ def _workers(records: int) -> int | None:
     return min(cpus, 16) if records >= 50_000 and cpus > 1 else None
 
 
-def _build(path: Path, name: str, digest: str, dataset: Dataset, training: Training, tokenizer,
-           work: Path) -> tuple[PreparedData, DataReport]:
+def _features():
     import datasets
+
+    token = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features({"input_ids": token, "labels": token, "where": datasets.Value("string"),
+                              "prompt_text": datasets.Value("string"), "reference": datasets.Value("string"),
+                              "truncated": datasets.Value("bool"), "loss_tokens": datasets.Value("int32")})
+
+
+def _tokenized(raw, indices: list[int], tokenize: _Tokenize, work: Path, part: str):
+    """One split's examples, tokenized by batched `map` straight into Arrow files of its own, which
+    become the cache entry as they are: no split is selected from a shared table and copied out."""
+    import datasets
+
+    records = raw.select(indices)
+    if not len(records):  # `map` of nothing returns nothing, not the example columns
+        return datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
+    return records.map(tokenize, batched=True, batch_size=_MAP_BATCH,
+                       remove_columns=records.column_names, features=_features(), num_proc=_workers(len(records)),
+                       desc="tokenizing", new_fingerprint=f"{work.name}-{part}", load_from_cache_file=False,
+                       cache_file_name=str(work / part / f"{part}.arrow"))
+
+
+def _column(split, key: str):
+    """A column of flags or counts as numpy, straight from Arrow (a split that `map` wrote, no row selection)."""
+    return split.data.column(key).to_numpy()
+
+
+def _build(path: Path, name: str, digest: str, dataset: Dataset, training: Training, tokenizer, work: Path,
+           staging: Path) -> DataReport:
+    """Prepares the data into `staging` (train, validation, rows: Arrow files) and reports on it.
+
+    Only small columns (flags, counts, list offsets) are read back into this process; the token
+    lists are read once, by packing. Records are split before tokenizing, so when several records
+    are bad the first bad one of the training split is named before any of the hold-out's.
+    """
+    import datasets
+    import numpy as np
     import pyarrow.compute as pc
 
     datasets.disable_progress_bars()  # a bar per map in a pod's log is noise; the report says what was done
@@ -185,65 +231,72 @@ def _build(path: Path, name: str, digest: str, dataset: Dataset, training: Train
         if isinstance(exc.__cause__, DatasetError):
             raise exc.__cause__ from None  # our reader's message, not the builder's wrapper
         raise
-    token = datasets.Sequence(datasets.Value("int32"))
-    features = datasets.Features({"input_ids": token, "labels": token, "where": datasets.Value("string"),
-                                  "prompt_text": datasets.Value("string"), "reference": datasets.Value("string"),
-                                  "truncated": datasets.Value("bool"), "loss_tokens": datasets.Value("int32")})
-    examples = raw.map(_Tokenize(tokenizer, name, fmt, dataset, training.max_seq_length), batched=True,
-                       batch_size=_MAP_BATCH, remove_columns=raw.column_names, features=features,
-                       num_proc=_workers(len(raw)), desc="tokenizing", new_fingerprint=work.name,
-                       cache_file_name=str(work / "examples" / "examples.arrow"))
-    report = DataReport(name, digest, fmt, len(examples), 0, 0)
-    truncated = examples.filter(lambda flags: flags, input_columns="truncated", batched=True)
-    report.truncated = len(truncated)
-    report.truncated_where = list(truncated.select(range(min(20, len(truncated))))["where"])
-    train_idx, val_idx = split_indices(len(examples), dataset.validation_split, training.seed)
+    train_idx, val_idx = split_indices(len(raw), dataset.validation_split, training.seed)
     if not train_idx:
-        raise DatasetError(name, f"{len(examples)} record(s) leave nothing to train on after a "
+        raise DatasetError(name, f"{len(raw)} record(s) leave nothing to train on after a "
                            f"{dataset.validation_split} hold-out split")
-    train_all = examples.select(train_idx)
-    report.no_loss_tokens = sum(1 for n in examples["loss_tokens"] if n == 0)
-    train = train_all.filter(lambda counts: [n > 0 for n in counts], input_columns="loss_tokens", batched=True)
-    if not len(train):
+    tokenize = _Tokenize(tokenizer, name, fmt, dataset, training.max_seq_length)
+    train_all = _tokenized(raw, train_idx, tokenize, work, "train")
+    validation = _tokenized(raw, val_idx, tokenize, work, "validation")
+    del raw  # its mapped pages (read here when the data are too small for workers) are not held while packing
+
+    report = DataReport(name, digest, fmt, len(train_idx) + len(val_idx), 0, len(validation))
+    # In record order, across both splits, as the report lists them.
+    truncated = sorted((order[i], split, int(i)) for split, order in ((train_all, train_idx), (validation, val_idx))
+                       for i in np.flatnonzero(_column(split, "truncated")))
+    report.truncated = len(truncated)
+    report.truncated_where = [split[i]["where"] for _, split, i in truncated[:20]]
+    loss = _column(train_all, "loss_tokens")
+    report.no_loss_tokens = int((loss == 0).sum() + (_column(validation, "loss_tokens") == 0).sum())
+    kept = np.flatnonzero(loss > 0)
+    if not len(kept):
         raise DatasetError(name, "no training example has a token to learn from (all truncated away?)")
-    validation = examples.select(val_idx)
-    report.train, report.validation = len(train), len(validation)
-    # Counted in Arrow: a million rows' token lists never become Python lists.
-    report.tokens = pc.sum(pc.list_value_length(train.with_format("arrow")["input_ids"])).as_py()
-    report.loss_tokens = pc.sum(train.with_format("arrow")["loss_tokens"]).as_py()
-    rows = training_rows(train, training.max_seq_length, training.packing)
+    train = train_all if len(kept) == len(train_all) else train_all.select(kept)
+    report.train = len(train)
+    # From the list offsets: the token lists themselves are not read for a count.
+    lengths = pc.list_value_length(train_all.data.column("input_ids")).to_numpy()
+    report.tokens, report.loss_tokens = int(lengths[kept].sum()), int(loss.sum())
+    rows = training_rows(train, training.max_seq_length, training.packing, numbered=False,
+                         cache_file_name=str(work / "rows" / "rows.arrow"))
     report.rows = len(rows)
-    return PreparedData(train, validation, rows, report), report
+    if train is not train_all:  # a selection of rows: written out on its own (the pages packing just read)
+        train = train.flatten_indices(cache_file_name=str(work / "kept" / "train.arrow"))
+    for part, table in (("train", train), ("validation", validation), ("rows", rows)):
+        _store(table, staging / part)
+    return report
 
 
-def training_rows(train, max_len: int, packing: bool):
+def training_rows(train, max_len: int, packing: bool, *, numbered: bool = True, cache_file_name: str | None = None):
     """Training rows: several examples back to back (TRL's best-fit-decreasing packing; each row
-    lists its examples' lengths), or one example per row; each numbered, for coverage counts."""
+    lists its examples' lengths), or one example per row; each numbered, for coverage counts.
+    cache_file_name: where `map` writes them (else beside `train`'s own files, or in memory)."""
     from trl.data_utils import pack_dataset
 
     columns = train.select_columns(["input_ids", "labels"])
+    kwargs = {"cache_file_name": cache_file_name} if cache_file_name else {}
     if packing:
-        rows = pack_dataset(columns, max_len, strategy="bfd")
+        rows = pack_dataset(columns, max_len, strategy="bfd", map_kwargs=kwargs)
     else:
         rows = columns.map(lambda ids: {"seq_lengths": [[len(x)] for x in ids]}, input_columns="input_ids",
-                           batched=True)
-    return rows.add_column("row", list(range(len(rows))))
+                           batched=True, **kwargs)
+    return _numbered(rows) if numbered else rows
 
 
-def _save(data: PreparedData, target: Path) -> None:
-    """Written beside the target, then renamed into place: a reader never sees half a cache."""
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    for part in ("train", "validation", "rows"):
-        table = getattr(data, part)
-        if len(table):
-            table.save_to_disk(str(staging / part))
-        else:  # datasets writes an empty dataset as no shards, which it cannot load back
-            (staging / part).mkdir(parents=True)
-            (staging / part / _EMPTY).write_text(json.dumps(table.features.to_dict()))
-    (staging / "report.json").write_text(json.dumps(asdict(data.report)))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+def _numbered(rows):
+    # A column of row numbers costs 8 bytes a row in memory; it is not worth a pass over the rows to store.
+    import numpy as np
+
+    return rows.add_column("row", np.arange(len(rows)))
+
+
+def _store(table, target: Path) -> None:
+    """A split's Arrow files, as `map` wrote them, moved into the cache entry."""
+    target.mkdir(parents=True)
+    if not len(table):  # no Arrow file to keep; the features say what the empty split holds
+        (target / _EMPTY).write_text(json.dumps(table.features.to_dict()))
+        return
+    for number, entry in enumerate(table.cache_files):
+        shutil.move(entry["filename"], target / f"{number:05d}.arrow")
 
 
 def _load(target: Path) -> PreparedData:
@@ -253,17 +306,20 @@ def _load(target: Path) -> PreparedData:
         if (part / _EMPTY).is_file():
             features = datasets.Features.from_dict(json.loads((part / _EMPTY).read_text()))
             return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-        return datasets.load_from_disk(str(part))
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f))
+                                              for f in sorted(part.glob("*.arrow"))])
 
     parts = {p: load(target / p) for p in ("train", "validation", "rows")}
+    parts["rows"] = _numbered(parts["rows"])
     return PreparedData(**parts, report=DataReport(**json.loads((target / "report.json").read_text())))
 
 
 def prepare(path: Path, name: str, dataset: Dataset, training: Training, tokenizer, *, cache_dir: Path | None = None,
-            ranks: distributed.Ranks = distributed.Ranks()) -> PreparedData:
+            ranks: distributed.Ranks | None = None) -> PreparedData:
     """The prepared data for this spec: from the cache when an earlier attempt (or another job with
     the same data, tokenizer and fields) prepared it, else built by the node's first process.
     cache_dir: the pod's cache (KUBETUNE_CACHE_DIR), which outlives the pod where it is a volume."""
+    ranks = ranks or distributed.Ranks()
     cache_dir = cache_dir or Path(os.environ.get("KUBETUNE_CACHE_DIR", "/tmp/kubetune-cache")) / "datasets"
     digest = sha256_of(path, name)
     if dataset.sha256 and digest != dataset.sha256:
@@ -272,9 +328,15 @@ def prepare(path: Path, name: str, dataset: Dataset, training: Training, tokeniz
     failure = None
     if ranks.is_local_main and not (target / "report.json").is_file():
         work = cache_dir / "preparing" / target.name
+        shutil.rmtree(work, ignore_errors=True)  # what a killed attempt left
         try:
-            data, _ = _build(path, name, digest, dataset, training, tokenizer, work)
-            _save(data, target)
+            # Built beside the target, then renamed into place: a reader never sees half a cache.
+            staging = work / "entry"
+            report = _build(path, name, digest, dataset, training, tokenizer, work, staging)
+            (staging / "report.json").write_text(json.dumps(asdict(report)))
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(target)
             log.info("dataset prepared in %s", target)
         except DatasetError as exc:
             failure = exc

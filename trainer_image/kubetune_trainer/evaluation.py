@@ -9,7 +9,7 @@ import math
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from kubetune_trainer.packing import RowCollator, example_rows
+from kubetune_trainer.packing import Row, RowCollator, example_rows
 
 
 @torch.no_grad()
@@ -24,7 +24,8 @@ def holdout_loss(model, examples, pad_id: int, batch_size: int = 8) -> dict[str,
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for part in examples.select_columns(["input_ids", "labels"]).iter(batch_size):
-        batch = collate(example_rows(part))
+        rows: list[Row | dict] = list(example_rows(part))  # the collator takes either kind of row
+        batch = collate(rows)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits.float()
@@ -54,8 +55,8 @@ def generation_metrics(model, tokenizer, examples, *, max_samples: int, max_new_
                        batch_size: int = 8) -> dict[str, float]:
     """Greedy answers to the hold-out prompts: exact match, JSON validity and JSON equality.
     examples: a `datasets.Dataset` of examples (prompt_text, reference)."""
-    chosen = []
-    for prompt, reference in zip(examples["prompt_text"], examples["reference"]):
+    chosen: list[tuple[str, str]] = []
+    for prompt, reference in zip(examples["prompt_text"], examples["reference"], strict=True):
         if reference and len(chosen) < max_samples:
             chosen.append((prompt, reference))
     if not chosen:
@@ -80,7 +81,7 @@ def generation_metrics(model, tokenizer, examples, *, max_samples: int, max_new_
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=sharded)
                 answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for (_, reference), answer in zip(batch, answers):
+                for (_, reference), answer in zip(batch, answers, strict=True):
                     answer, reference = answer.strip(), _clean(tokenizer, reference)
                     exact += answer == reference
                     parsed, expected = _json_or_none(answer), _json_or_none(reference)

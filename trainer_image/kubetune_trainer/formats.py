@@ -7,8 +7,9 @@ non-conversational data) and end with the EOS token so the model learns to stop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Literal, overload
 
 from kubetune_trainer.records import DatasetError, Record
 
@@ -35,7 +36,15 @@ def detect_format(record: Record, file: str) -> str:
                        "instruction+output (alpaca), prompt+completion, or text", record.where)
 
 
-def _string(record: Record, file: str, field: str, *, required: bool = True, allow_empty: bool = False) -> str | None:
+@overload
+def string_field(record: Record, file: str, field: str, *, required: Literal[True] = ...,
+                 allow_empty: bool = ...) -> str: ...
+@overload
+def string_field(record: Record, file: str, field: str, *, required: bool,
+                 allow_empty: bool = ...) -> str | None: ...
+def string_field(record: Record, file: str, field: str, *, required: bool = True,
+                 allow_empty: bool = False) -> str | None:
+    """The field's string; None only where it is not required and absent."""
     value = record.data.get(field)
     if value is None:
         if required:
@@ -48,7 +57,7 @@ def _string(record: Record, file: str, field: str, *, required: bool = True, all
     return value
 
 
-def _messages(value: Any, record: Record, file: str, field: str) -> list[dict[str, str]]:
+def messages_field(value: Any, record: Record, file: str, field: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise DatasetError(file, "must be a non-empty list of messages", record.where, field)
     out = []
@@ -110,9 +119,9 @@ class Renderer:
 
 
 def _alpaca(r: Renderer, record: Record) -> list[Span]:
-    instruction = _string(record, r.file, "instruction")
-    extra = _string(record, r.file, "input", required=False)
-    output = _string(record, r.file, "output")
+    instruction = string_field(record, r.file, "instruction")
+    extra = string_field(record, r.file, "input", required=False)
+    output = string_field(record, r.file, "output")
     user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
     if r.tok.chat_template:
         return r.conversation([{"role": "user", "content": user}, {"role": "assistant", "content": output}], record)
@@ -120,20 +129,21 @@ def _alpaca(r: Renderer, record: Record) -> list[Span]:
 
 
 def _chat(r: Renderer, record: Record) -> list[Span]:
-    return r.conversation(_messages(record.data.get("messages"), record, r.file, "messages"), record)
+    return r.conversation(messages_field(record.data.get("messages"), record, r.file, "messages"), record)
 
 
 def _prompt_completion(r: Renderer, record: Record) -> list[Span]:
     prompt, completion = record.data.get("prompt"), record.data.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):
-        messages = _messages(prompt, record, r.file, "prompt") + _messages(completion, record, r.file, "completion")
+        messages = (messages_field(prompt, record, r.file, "prompt")
+                    + messages_field(completion, record, r.file, "completion"))
         return r.conversation(messages, record)
-    return r.plain(_string(record, r.file, "prompt", allow_empty=True) or "",
-                   _string(record, r.file, "completion"))
+    return r.plain(string_field(record, r.file, "prompt", allow_empty=True) or "",
+                   string_field(record, r.file, "completion"))
 
 
 def _text(r: Renderer, record: Record) -> list[Span]:
-    return [Span(_string(record, r.file, "text") + r.eos, True)]
+    return [Span(string_field(record, r.file, "text") + r.eos, True)]
 
 
 _RENDER: dict[str, Callable[[Renderer, Record], list[Span]]] = {

@@ -7,14 +7,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pydantic import ValidationError
 
+from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.config import StorageConfigError
-from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNAVAILABLE
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.records import DatasetError
 
@@ -52,7 +52,7 @@ def _at_process_boundary(work: Callable[[], int], failed_as: str) -> int:
         return _failure("InvalidConfiguration", exc, EXIT_CONFIG)
     except StorageUnavailable as exc:
         return _failure("StorageUnavailable", exc, EXIT_UNAVAILABLE)
-    except Exception as exc:  # noqa: BLE001 - the process boundary: report, then fail
+    except Exception as exc:
         log.exception("%s", failed_as)
         return _failure(failed_as, exc, EXIT_FAILED)
 
@@ -76,9 +76,11 @@ def run_spec(path: Path) -> int:
                 write_termination_message({"preempted": True})
             return EXIT_PREEMPTED
         if ranks.is_main:  # the other workers of this pod share its termination log
+            final = result.metrics.get("final", {})
+            keys = ("evalLoss", "exactMatch", "jsonValid") if "rewardAccuracy" not in final else (
+                "rewardAccuracy", "rewardMargin", "preferenceAccuracy")
             write_termination_message({"manifest": result.manifest_uri, "manifestSha256": result.manifest_sha256,
-                                       "metrics": {k: result.metrics.get("final", {}).get(k)
-                                                   for k in ("evalLoss", "exactMatch", "jsonValid")}})
+                                       "metrics": {k: final.get(k) for k in keys}})
         return EXIT_OK
     return _at_process_boundary(train, "TrainerError")
 

@@ -10,7 +10,10 @@ predicted from the previous example's last token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
 
 import torch
 
@@ -29,7 +32,8 @@ class Row:
 
 def example_rows(batch: dict[str, list]) -> list[Row]:
     """One row per example of a batch of examples (hold-out evaluation)."""
-    return [Row(ids, labels, list(range(len(ids)))) for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    return [Row(ids, labels, list(range(len(ids))))
+            for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)]
 
 
 def _row(row: dict) -> Row:
@@ -48,19 +52,20 @@ class RowCollator:
     def __init__(self, pad_id: int, multiple_of: int = 8):
         self.pad_id, self.multiple_of = pad_id, multiple_of
 
-    def __call__(self, rows: list[Row | dict]) -> dict[str, torch.Tensor]:
-        rows = [r if isinstance(r, Row) else _row(r) for r in rows]
+    def __call__(self, batch: Sequence[Row | dict]) -> dict[str, Any]:  # tensors, and max_length_q an int
+        rows = [r if isinstance(r, Row) else _row(r) for r in batch]
         width = max(len(r) for r in rows)
         width = -(-width // self.multiple_of) * self.multiple_of
         ids, labels, positions = [], [], []
         for r in rows:
             pad = width - len(r)
             ids.append(list(r.input_ids) + [self.pad_id] * pad)
-            labels.append([IGNORE if p == 0 else t for t, p in zip(r.labels, r.position_ids)] + [IGNORE] * pad)
+            labels.append([IGNORE if p == 0 else t for t, p in zip(r.labels, r.position_ids, strict=True)]
+                          + [IGNORE] * pad)
             positions.append(list(r.position_ids) + list(range(pad)))
         starts = [r * width + j for r, row in enumerate(positions) for j, p in enumerate(row) if p == 0]
         bounds = starts + [len(rows) * width]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "position_ids": torch.tensor(positions),
                 "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32),
-                "max_length_q": max(b - a for a, b in zip(bounds, bounds[1:]))}
+                "max_length_q": max(b - a for a, b in pairwise(bounds))}

@@ -6,7 +6,9 @@ Features, and the spec fields that drive them:
   alpaca/chat/prompt-completion/text/auto (dataset.format), completion-only loss
   (dataset.completionOnlyLoss), seeded hold-out (dataset.validationSplit), overlong policy
   (dataset.onOverlong); prepared once per node and cached (kubetune_trainer.data);
-- TRL's SFTTrainer runs the training (kubetune_trainer.training);
+- TRL's SFTTrainer runs the training (kubetune_trainer.training); objective dpo: TRL's DPOTrainer on
+  prompt/chosen/rejected pairs, the reference being the base with the adapter disabled
+  (kubetune_trainer.preference, kubetune_trainer.dpo), hold-out reward accuracy and margin;
 - QLoRA (4-bit NF4, double quantization, bf16 compute) or LoRA (method, quantization, lora.*);
 - packing without cross-example attention (training.packing);
 - checkpoints to the output location every checkpointEverySteps, resume from the newest complete
@@ -26,6 +28,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from kubetune.api.uris import parse_uri
+from kubetune.contract import HISTORY_FILE
 from kubetune.planning import RunPlan
 from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import Location, open_location
@@ -33,13 +36,23 @@ from kubetune.storage.manifest import MANIFEST, Manifest, describe_dir, publish
 from kubetune_trainer import distributed
 from kubetune_trainer.checkpoints import CheckpointStore, check_resumable
 from kubetune_trainer.data import PreparedData, prepare
+from kubetune_trainer.dpo import build_dpo_trainer, preference_metrics
 from kubetune_trainer.evaluation import generation_metrics, holdout_loss
+from kubetune_trainer.history import TrainingHistory, history_rows, summary, write_history, write_tensorboard
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer, merge_adapter
-from kubetune_trainer.progress import FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
+from kubetune_trainer.preference import PreparedPreferences, prepare_preferences
+from kubetune_trainer.progress import Channel, FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
 from kubetune_trainer.runspec import RunSpec
 from kubetune_trainer.sources import ModelSource, resolve_dataset, resolve_model
-from kubetune_trainer.training import (PreemptionFlag, build_trainer, coverage, mean_train_loss, peak_memory_gib,
-                                       plan_batches, reset_peak_memory)
+from kubetune_trainer.training import (
+    PreemptionFlag,
+    build_trainer,
+    coverage,
+    mean_train_loss,
+    peak_memory_gib,
+    plan_batches,
+    reset_peak_memory,
+)
 
 log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "kubetune")
@@ -65,11 +78,13 @@ def library_versions() -> dict[str, str]:
 
 class FineTuneRecipe:
     def __init__(self, runspec: RunSpec, *, preemption: PreemptionFlag | None = None,
-                 ranks: distributed.Ranks = distributed.Ranks()):
+                 ranks: distributed.Ranks | None = None):
+        ranks = ranks if ranks is not None else distributed.Ranks()
         self.spec, self.run_info, self.ranks = runspec.spec, runspec.run, ranks
+        self.dpo = self.spec.objective.type == "dpo"
         self.work = Path(self.run_info.work_dir)
         self.preemption = preemption or PreemptionFlag()
-        channels = []
+        channels: list[Channel] = []
         if ranks.is_main:  # one writer of progress for the whole group
             channels = [c for c in (PodAnnotationChannel.from_env(),) if c]
             if self.run_info.progress_file:
@@ -95,12 +110,33 @@ class FineTuneRecipe:
     def _setup_model(self, source: ModelSource, placement: Placement, plan: RunPlan):
         model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing,
                           sharded=plan.sharded)
-        return attach_lora(model, self.spec)
+        return model if self.dpo else attach_lora(model, self.spec)  # DPOTrainer attaches the adapter itself
 
-    def _evaluate(self, model, tokenizer, data: PreparedData, *, generate: bool, everywhere: bool = False) -> dict:
-        """everywhere: the model is sharded, so every rank takes part (rank 0 alone otherwise)."""
+    def _prepare(self, data_path: Path, tokenizer) -> PreparedData | PreparedPreferences:
+        if self.dpo:
+            return prepare_preferences(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training,
+                                       tokenizer)
+        return prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer,
+                       cache_dir=Path(self.run_info.cache_dir) / "datasets", ranks=self.ranks)
+
+    def _build(self, model, data, tokenizer, plan: RunPlan, callback_kwargs: dict):
+        if self.dpo:
+            # Checkpoints report no hold-out loss: DPO's hold-out figures are the rewards, measured at the end.
+            return build_dpo_trainer(model, self.spec, data, tokenizer=tokenizer, plan=plan, work_dir=self.work,
+                                     callback_kwargs={**callback_kwargs, "evaluate": dict})
+        return build_trainer(model, self.spec, data.rows, tokenizer=tokenizer, plan=plan, work_dir=self.work,
+                             callback_kwargs=callback_kwargs)
+
+    def _evaluate(self, model, tokenizer, data: PreparedData | PreparedPreferences, *, generate: bool,
+                  everywhere: bool = False, trainer=None) -> dict:
+        """everywhere: the model is sharded, so every rank takes part (rank 0 alone otherwise).
+        trainer: DPO's, which holds the hold-out pairs as TRL tokenized them."""
         if not (self.ranks.is_main or everywhere):
             return {}
+        if self.dpo:
+            return preference_metrics(model, trainer.eval_dataset or [], pad_id=tokenizer.pad_token_id,
+                                      beta=self.spec.objective.dpo_settings().beta,
+                                      max_length=self.spec.training.max_seq_length)
         metrics = holdout_loss(model, data.validation, tokenizer.pad_token_id)
         if generate and self.spec.evaluation.exact_match:
             metrics |= generation_metrics(model, tokenizer, data.validation,
@@ -118,8 +154,7 @@ class FineTuneRecipe:
             output.ensure_ready()
         source, data_path = self._setup_sources(storage)
         tokenizer = load_tokenizer(source.path)
-        data = prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer,
-                       cache_dir=Path(self.run_info.cache_dir) / "datasets", ranks=self.ranks)
+        data = self._prepare(data_path, tokenizer)
         log.info("dataset: %s", data.report.to_dict())
         placement = Placement.detect()
         plan = plan_batches(self.spec, source.path, placement.device == "cuda", self.ranks.world_size)
@@ -128,7 +163,8 @@ class FineTuneRecipe:
         model = self._setup_model(source, placement, plan)
 
         self.reporter.report(ProgressReport("evaluating"), force=True)
-        baseline = self._evaluate(model, tokenizer, data, generate=True)  # LoRA starts as a no-op: this is the base
+        # LoRA starts as a no-op: this is the base. DPO's adapter is attached by its trainer, below.
+        baseline = {} if self.dpo else self._evaluate(model, tokenizer, data, generate=True)
         store = CheckpointStore(output, self.spec.output.keep_checkpoints)
         self.work.mkdir(parents=True, exist_ok=True)
         resume = store.pull_latest(self.work / "checkpoints") if self.ranks.is_local_main else None
@@ -136,12 +172,17 @@ class FineTuneRecipe:
         if resume:
             check_resumable(resume[0], sharded=plan.sharded)
             log.info("resuming from %s", resume[1])
+        history = TrainingHistory(lambda: loop.counter.loss_tokens, self.ranks)
         # The Trainer's model: under FSDP the wrapper (set once training starts) that gathers each layer.
-        trainer, loop = build_trainer(
-            model, self.spec, data.rows, tokenizer=tokenizer, plan=plan, work_dir=self.work,
-            callback_kwargs={"reporter": self.reporter, "store": store, "preemption": self.preemption,
-                             "evaluate": lambda: holdout_loss(trainer.model, data.validation, tokenizer.pad_token_id),
-                             "ranks": self.ranks})
+        trainer, loop = self._build(
+            model, data, tokenizer, plan,
+            {"reporter": self.reporter, "store": store, "preemption": self.preemption,
+             "evaluate": history.recording(lambda: holdout_loss(trainer.model, data.validation,
+                                                                tokenizer.pad_token_id)),
+             "ranks": self.ranks})
+        if self.dpo:
+            baseline = self._evaluate(trainer.model, tokenizer, data, generate=True, trainer=trainer)
+        trainer.add_callback(history)
         loop.last_checkpoint = resume[1] if resume else None
         self.preemption.install()
         reset_peak_memory()
@@ -152,7 +193,7 @@ class FineTuneRecipe:
 
         self.reporter.report(ProgressReport("evaluating", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss), force=True)
-        final = self._evaluate(trainer.model, tokenizer, data, generate=True, everywhere=plan.sharded)
+        final = self._evaluate(trainer.model, tokenizer, data, generate=True, everywhere=plan.sharded, trainer=trainer)
         final_dir = self.work / "final"
         self._save_adapter(trainer, tokenizer, final_dir / "adapter", sharded=plan.sharded)
         if not self.ranks.is_main:
@@ -162,7 +203,11 @@ class FineTuneRecipe:
                          "microBatchSize": plan.micro_batch_size,
                          "gradientAccumulationSteps": plan.gradient_accumulation_steps,
                          "gradientCheckpointing": plan.gradient_checkpointing, "sharded": plan.sharded,
-                         "rows": len(data.rows), **seen}
+                         "rows": data.report.rows, **seen}
+        rows = history_rows(trainer.state.log_history, final.get("evalLoss"))
+        write_history(final_dir / HISTORY_FILE, rows)  # published with the run, listed in its manifest
+        write_tensorboard(rows, final_dir)
+        train_metrics |= summary(rows, data.report.to_dict().get("tokens"))
         self.reporter.report(ProgressReport("publishing", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss")), force=True)
         published = self._publish(output, final_dir, tokenizer, source, data, placement,
@@ -183,8 +228,8 @@ class FineTuneRecipe:
         if self.ranks.is_main:
             tokenizer.save_pretrained(adapter_dir)
 
-    def _publish(self, output: Location, final_dir: Path, tokenizer, source: ModelSource, data: PreparedData,
-                 placement: Placement, metrics: dict) -> RunResult:
+    def _publish(self, output: Location, final_dir: Path, tokenizer, source: ModelSource,
+                 data: PreparedData | PreparedPreferences, placement: Placement, metrics: dict) -> RunResult:
         adapter_dir = final_dir / "adapter"
         if self.spec.output.merge:
             merge_adapter(source.path, adapter_dir, final_dir / "merged", placement.dtype, tokenizer)
@@ -197,6 +242,7 @@ class FineTuneRecipe:
                 "baseModelUri": source.uri, "baseModelRevision": source.revision,
                 "datasetUri": self.spec.dataset.uri, "datasetSha256": data.report.sha256,
                 "trainerImage": self.run_info.image, "libraries": library_versions(),
+                "objective": self.spec.objective.type,
             },
             "spec": self.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
             "layout": {"adapter": "adapter", "merged": "merged" if self.spec.output.merge else None},

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # "utf-8-sig" drops a leading byte-order mark and is plain UTF-8 otherwise.
@@ -75,7 +76,7 @@ def _parquet(path: Path, name: str) -> Iterator[Record]:
             for row in batch.to_pylist():
                 number += 1
                 yield Record(f"row {number}", row, name)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a broken file
+    except Exception as exc:
         raise DatasetError(name, f"not a readable Parquet file ({exc})") from exc
 
 

@@ -35,5 +35,5 @@ class RunSpec(BaseModel):
     run: RunInfo
 
     @classmethod
-    def load(cls, path: Path) -> "RunSpec":
+    def load(cls, path: Path) -> RunSpec:
         return cls.model_validate(json.loads(path.read_text()))

@@ -1,4 +1,5 @@
-"""Sample data for demos and tests: a small structured task the base model cannot do (short invoice texts -> a fixed JSON shape)."""
+"""Sample data for demos and tests: a small structured task the base model cannot do
+(short invoice texts -> a fixed JSON shape)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ def invoice_records(n: int, seed: int = 0) -> list[dict[str, str]]:
         answer = json.dumps({"invoice": num, "vendor": vendor, "total": total, "currency": cur})
         records.append({"prompt": f"Extract the invoice as JSON.\n{text}\nJSON: ", "completion": answer})
     return records
+
+
+def invoice_preference_records(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs on the invoice task: the complete, correct JSON is chosen over a shorter one
+    with the wrong vendor. A base model's likelihood favours the shorter answer, so a base scores
+    low on preference accuracy and DPO has something to learn."""
+    rng = random.Random(seed + 1)
+    pairs = []
+    for record in invoice_records(n, seed):
+        answer = json.loads(record["completion"])
+        wrong = rng.choice([v for v in VENDORS if v != answer["vendor"]])
+        pairs.append({"prompt": record["prompt"], "chosen": record["completion"],
+                      "rejected": json.dumps({"invoice": answer["invoice"], "vendor": wrong})})
+    return pairs
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,16 +39,20 @@ class CountingCollator:
     """Counts the loss-bearing tokens handed to the model (for tokens/s) and the rows, by their
     index, that this process trained on (for the epoch's coverage)."""
 
-    def __init__(self, inner: RowCollator):
+    def __init__(self, inner: Callable[[list], dict]):
         self.inner, self.loss_tokens, self.rows_seen = inner, 0, 0
         self.distinct_rows: set[int] = set()
 
     def __call__(self, rows):
         batch = self.inner(rows)
-        self.loss_tokens += int((batch["labels"][:, 1:] != -100).sum())
+        self.loss_tokens += self.count_loss_tokens(batch)
         self.rows_seen += len(rows)
         self.distinct_rows.update(int(r["row"]) for r in rows if "row" in r)
         return batch
+
+    @staticmethod
+    def count_loss_tokens(batch) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
 
 
 class PreemptionFlag:
@@ -59,7 +64,7 @@ class PreemptionFlag:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:  # signal handler's signature
         log.warning("SIGTERM: checkpointing at the end of this step, then exiting")
         self.raised = True
 
@@ -88,10 +93,10 @@ def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool, world_siz
 
 class LoopCallback(TrainerCallback):
     def __init__(self, *, reporter: ProgressReporter, store: CheckpointStore, counter: CountingCollator,
-                 preemption: PreemptionFlag, evaluate, ranks: distributed.Ranks = distributed.Ranks(),
+                 preemption: PreemptionFlag, evaluate, ranks: distributed.Ranks | None = None,
                  sharded: bool = False):
         self.reporter, self.store, self.counter, self.preemption = reporter, store, counter, preemption
-        self.evaluate, self.ranks, self.sharded = evaluate, ranks, sharded
+        self.evaluate, self.ranks, self.sharded = evaluate, ranks or distributed.Ranks(), sharded
         self.stopped_for_preemption = False
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
@@ -147,9 +152,26 @@ class LoopCallback(TrainerCallback):
 def build_trainer(model, spec: FineTuneJobSpec, rows, *, tokenizer, plan: RunPlan, work_dir: Path,
                   callback_kwargs: dict) -> tuple[SFTTrainer, LoopCallback]:
     """rows: the prepared training rows (a `datasets.Dataset` of input_ids, labels, seq_lengths, row)."""
-    t = spec.training
-    on_gpu = next(model.parameters()).is_cuda
     args = SFTConfig(
+        **trainer_arguments(spec, plan, work_dir, on_gpu=next(model.parameters()).is_cuda),
+        # The rows are kubetune's: read and checked with errors naming file and line, tokenized,
+        # truncated and packed once per node, and cached (kubetune_trainer.data).
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    counter = CountingCollator(RowCollator(tokenizer.pad_token_id))
+    callback = LoopCallback(counter=counter, sharded=plan.sharded, **callback_kwargs)
+    trainer_class = ShardedLoraTrainer if plan.sharded else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=counter,
+                            processing_class=tokenizer, callbacks=[callback])
+    return trainer, callback
+
+
+def trainer_arguments(spec: FineTuneJobSpec, plan: RunPlan, work_dir: Path, *, on_gpu: bool) -> dict:
+    """The Trainer arguments every objective shares: the batch plan, the schedule, checkpoints
+    (the store keeps them remotely), and what makes a step's log readable by our callbacks."""
+    t = spec.training
+    return dict(
         output_dir=str(work_dir / "checkpoints"),
         per_device_train_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
@@ -167,10 +189,6 @@ def build_trainer(model, spec: FineTuneJobSpec, rows, *, tokenizer, plan: RunPla
         gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=t.max_seq_length,
-        # The rows are kubetune's: read and checked with errors naming file and line, tokenized,
-        # truncated and packed once per node, and cached (kubetune_trainer.data).
-        packing=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
         logging_steps=1,
         # The NaN/inf filter reads every micro-batch's loss on the CPU (a GPU sync each time); a
         # diverging run should show its NaN in the logged loss anyway, not be averaged around it.
@@ -188,12 +206,6 @@ def build_trainer(model, spec: FineTuneJobSpec, rows, *, tokenizer, plan: RunPla
         use_cpu=not on_gpu,
         **({"fsdp": True, "fsdp_config": dict(FSDP_CONFIG)} if plan.sharded else {}),
     )
-    counter = CountingCollator(RowCollator(tokenizer.pad_token_id))
-    callback = LoopCallback(counter=counter, sharded=plan.sharded, **callback_kwargs)
-    trainer_class = ShardedLoraTrainer if plan.sharded else SFTTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=counter,
-                            processing_class=tokenizer, callbacks=[callback])
-    return trainer, callback
 
 
 def coverage(ranks: distributed.Ranks, counter: CountingCollator) -> dict[str, int]:

@@ -1,14 +1,24 @@
-"""FineTuneJob: one LoRA / QLoRA supervised fine-tuning run, from base model and dataset to adapter."""
+"""FineTuneJob: one LoRA / QLoRA fine-tuning run (supervised or DPO), from base model and dataset to adapter."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import AfterValidator, Field
+from pydantic.config import JsonDict
 
 from kubetune.api.fields import Sha256, StorageUriStr
-from kubetune.api.meta import (CONDITIONS_SCHEMA_EXTRA, DEFAULT_EMPTY, DNS1123_LABEL, DNS1123_SUBDOMAIN, QUANTITY, ApiModel,
-                               Condition, Rule, SecretRef)
+from kubetune.api.meta import (
+    CONDITIONS_SCHEMA_EXTRA,
+    DEFAULT_EMPTY,
+    DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
+    QUANTITY,
+    ApiModel,
+    Condition,
+    Rule,
+    SecretRef,
+)
 from kubetune.api.resource import Resource, name_fits_label
 
 Method = Literal["qlora", "lora"]
@@ -50,9 +60,37 @@ class Dataset(ApiModel):
                                     description="Fraction held out, seeded and deterministic, for evaluation.")
     sha256: Sha256 | None = Field(default=None, description="Refuse the dataset unless its bytes have this sha256.")
     on_overlong: Literal["truncate", "refuse"] = Field(
-        default="truncate", description="Examples longer than maxSeqLength: truncate (counted in the report) or refuse.")
+        default="truncate",
+        description="Examples longer than maxSeqLength: truncate (counted in the report) or refuse.")
     completion_only_loss: bool = Field(default=True,
                                        description="Train on completions only (format text trains on everything).")
+
+
+# The DPO losses of TRL's DPOConfig that are a function of the chosen-rejected pair alone and need
+# no further hyperparameter the spec does not carry (robust and exo_pair read label smoothing).
+DpoLossType = Literal["sigmoid", "hinge", "ipo", "sigmoid_norm"]
+
+
+class Dpo(ApiModel):
+    beta: float = Field(default=0.1, gt=0, le=100, description="How far the policy may move from the reference "
+                        "(the base with the adapter disabled): higher stays closer. For ipo, its tau.")
+    loss_type: DpoLossType = Field(default="sigmoid", description="TRL's DPO loss: sigmoid (the DPO paper), hinge "
+                                   "(SLiC), ipo, or sigmoid_norm (length-normalized log-ratios).")
+
+
+class Objective(ApiModel):
+    type: Literal["sft", "dpo"] = Field(default="sft", description=(
+        "sft: supervised fine-tuning on completions. dpo: preference tuning (Direct Preference Optimization) on "
+        "records of prompt, chosen and rejected (strings or conversations); the reference is the base model with "
+        "the adapter disabled, so no second copy of the model is held."))
+    dpo: Dpo | None = Field(default=None, description="DPO settings; defaults when type is dpo and this is unset.")
+    rules: ClassVar = (
+        Rule("dpo", "objective.dpo needs objective.type dpo",
+             "self.type == 'dpo' || !has(self.dpo)", lambda s: s.type == "dpo" or s.dpo is None),
+    )
+
+    def dpo_settings(self) -> Dpo:
+        return self.dpo or Dpo()
 
 
 class Quantization(ApiModel):
@@ -90,8 +128,8 @@ class Training(ApiModel):
     packing: bool = Field(default=True, description="Pack short examples into full rows (no attention across them).")
     batch_size: int = Field(default=16, ge=1, le=65536,
                             description="Effective batch in rows per optimizer step, across all GPUs.")
-    micro_batch_size: int | None = Field(default=None, ge=1, le=4096,
-                                         description="Rows per forward pass per GPU; chosen from GPU memory when unset.")
+    micro_batch_size: int | None = Field(
+        default=None, ge=1, le=4096, description="Rows per forward pass per GPU; chosen from GPU memory when unset.")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         default="auto", description="Recompute activations to save memory; auto decides from the memory plan.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seeds data order, split and initialisation.")
@@ -121,9 +159,10 @@ class Toleration(ApiModel):
 class Resources(ApiModel):
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node; 0 trains on the CPU (lora only).")
     nodes: int = Field(default=1, ge=1, le=128, description="Nodes for multi-node training.")
-    gpu_memory_gib: float | None = Field(default=None, alias="gpuMemoryGiB", gt=0, le=1024,
-                                         description="GPU memory one process may use (GiB): the planner fits micro-batch and "
-                                         "checkpointing into it, e.g. 10 on a shared GPU; operator default when unset.")
+    gpu_memory_gib: float | None = Field(
+        default=None, alias="gpuMemoryGiB", gt=0, le=1024,
+        description="GPU memory one process may use (GiB): the planner fits micro-batch and "
+                    "checkpointing into it, e.g. 10 on a shared GPU; operator default when unset.")
     cpu: str | None = Field(default=None, pattern=QUANTITY, description="CPU request and limit per pod.")
     memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory request and limit per pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
@@ -161,6 +200,8 @@ class FineTuneJobSpec(ApiModel):
     base_model: BaseModelSource
     dataset: Dataset
     method: Method = Field(default="qlora", description="qlora: 4-bit frozen base on GPU; lora: bf16/fp32 base.")
+    objective: Objective = Field(default_factory=Objective, json_schema_extra=DEFAULT_EMPTY,
+                                 description="What the adapter is trained for: sft (the default) or dpo.")
     quantization: Quantization | None = Field(default=None, description="Base quantization; qlora uses NF4 when unset.")
     lora: Lora = Field(default_factory=Lora, json_schema_extra=DEFAULT_EMPTY)
     training: Training = Field(default_factory=Training, json_schema_extra=DEFAULT_EMPTY)
@@ -205,6 +246,12 @@ class FineTuneJobSpec(ApiModel):
         Rule("dataset.validationSplit", "evaluation.exactMatch needs a hold-out split (validationSplit > 0)",
              "!self.evaluation.exactMatch || self.dataset.validationSplit > 0.0",
              lambda s: not s.evaluation.exact_match or s.dataset.validation_split > 0),
+        Rule("dataset.format", "objective dpo reads prompt/chosen/rejected records: dataset.format must be auto",
+             "self.objective.type != 'dpo' || self.dataset.format == 'auto'",
+             lambda s: s.objective.type != "dpo" or s.dataset.format == "auto"),
+        Rule("evaluation.exactMatch", "evaluation.exactMatch is for objective sft; dpo reports reward accuracy",
+             "self.objective.type != 'dpo' || !self.evaluation.exactMatch",
+             lambda s: s.objective.type != "dpo" or not s.evaluation.exact_match),
         Rule("workloadPriorityClassName", "workloadPriorityClassName is a Kueue priority: it needs queueName",
              "!has(self.workloadPriorityClassName) || has(self.queueName)",
              lambda s: s.workload_priority_class_name is None or s.queue_name is not None),
@@ -224,7 +271,7 @@ def changed_immutable_fields(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list
 
 # Fields that decide what is trained; changing them after the first pod started would make the
 # checkpoints and the adapter describe a different run than the spec.
-IMMUTABLE_AFTER_START = ("baseModel", "dataset", "method", "quantization", "lora", "training", "output")
+IMMUTABLE_AFTER_START = ("baseModel", "dataset", "method", "objective", "quantization", "lora", "training", "output")
 
 
 class Progress(ApiModel):
@@ -255,7 +302,9 @@ class FineTuneJobStatus(ApiModel):
     phase: Phase = "Pending"
     message: str = Field(default="", max_length=32768)
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_SCHEMA_EXTRA)
+    # meta's constant is typed by inference (dict[str, Sequence[str]]), not as pydantic's JsonDict
+    conditions: list[Condition] = Field(default_factory=list,
+                                        json_schema_extra=cast(JsonDict, CONDITIONS_SCHEMA_EXTRA))
     progress: Progress | None = None
     attempts: int = Field(default=0, ge=0, description="Pods that ran (failed, preempted, succeeded or running), "
                           "each counted once; never decreases.")

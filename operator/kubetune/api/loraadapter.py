@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 from pydantic import Field
+from pydantic.config import JsonDict
 
 from kubetune.api.fields import Sha256, StorageUriStr
 from kubetune.api.finetunejob import BaseModelSource, Storage
-from kubetune.api.meta import CONDITIONS_SCHEMA_EXTRA, DEFAULT_EMPTY, DNS1123_SUBDOMAIN, QUANTITY, ApiModel, Condition, Rule
+from kubetune.api.meta import (
+    CONDITIONS_SCHEMA_EXTRA,
+    DEFAULT_EMPTY,
+    DNS1123_SUBDOMAIN,
+    QUANTITY,
+    ApiModel,
+    Condition,
+    Rule,
+)
 from kubetune.api.resource import Resource, name_fits_label
 
 Stage = Literal["candidate", "production", "archived"]
@@ -36,7 +45,8 @@ class Merge(ApiModel):
 
 
 class Threshold(ApiModel):
-    metric: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.]{0,62}$", description="A metric of the run manifest, e.g. evalLoss.")
+    metric: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.]{0,62}$",
+                        description="A metric of the run manifest, e.g. evalLoss.")
     min: float | None = Field(default=None, description="Promotion needs metric >= min.")
     max: float | None = Field(default=None, description="Promotion needs metric <= max.")
     rules: ClassVar = (
@@ -77,6 +87,7 @@ class Lineage(ApiModel):
     base_model_uri: str | None = None
     base_model_revision: str | None = None
     trainer_image: str | None = None
+    objective: str | None = Field(default=None, description="What the adapter was trained for: sft or dpo.")
 
 
 class LoraAdapterStatus(ApiModel):
@@ -84,7 +95,9 @@ class LoraAdapterStatus(ApiModel):
     stage: Stage | None = Field(default=None, description="The stage in force (spec.stage once the gate passed).")
     message: str = Field(default="", max_length=32768)
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=CONDITIONS_SCHEMA_EXTRA)
+    # meta's constant is typed by inference (dict[str, Sequence[str]]), not as pydantic's JsonDict
+    conditions: list[Condition] = Field(default_factory=list,
+                                        json_schema_extra=cast(JsonDict, CONDITIONS_SCHEMA_EXTRA))
     metrics: dict[str, float] = Field(default_factory=dict)
     lineage: Lineage | None = None
     adapter_uri: str | None = None

@@ -180,7 +180,8 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
             patch |= {"metrics": run_metrics(manifest), "adapterUri": adapter_uri,
                       "verifiedManifestSha256": checked.manifest_sha256, "artifactFingerprint": checked.fingerprint,
                       "lineage": {k: lineage.get(k) for k in ("fineTuneJob", "datasetUri", "datasetSha256",
-                                                              "baseModelUri", "baseModelRevision", "trainerImage")},
+                                                              "baseModelUri", "baseModelRevision", "trainerImage",
+                                                              "objective")},
                       "serving": serving_hints(spec.adapter_name or name, adapter_uri, spec.base_model.uri)}
             if layout.get("merged"):
                 patch["mergedModelUri"] = f"{spec.artifact.uri}/{layout['merged']}"
@@ -189,7 +190,7 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
         if merged_uri is None:
             return  # the merge Job runs (or failed, recorded): its events bring us back
         patch["mergedModelUri"] = merged_uri
-    metrics = patch.get("metrics", status.get("metrics") or {})
+    metrics = patch["metrics"] if "metrics" in patch else (status.get("metrics") or {})
     stage, conditions = _promote(spec.stage, status.get("stage") or "candidate", spec.evaluation_gate, metrics,
                                  conditions, generation, now, body)
     # Labels first: once Ready is visible, `-l kubetune.dev/stage=production` finds it too.
@@ -205,7 +206,8 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
                   conditions: list[dict], generation: int | None, now: str) -> tuple[str | None, list[dict]]:
     """The merged model's URI once a merge Job has published and it verifies; until then, run the
     Job and record Merging (or its failure)."""
-    namespace, name = adapter.metadata.namespace, adapter.metadata.name
+    # the body's namespace, as reconcile_adapter reads it (the model's field is optional)
+    namespace, name = body["metadata"]["namespace"], adapter.metadata.name
 
     async def write(patch: dict[str, Any]) -> None:
         await write_adapter_status(client, namespace, name, generation, patch)
@@ -231,10 +233,12 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
                 if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")}
     if finished:
         if "Complete" in finished:  # it published, yet what it published does not verify
-            reason, message = "MergedModelInvalid", "the merged model does not match its manifest: " + "; ".join(problems)
+            reason = "MergedModelInvalid"
+            message = "the merged model does not match its manifest: " + "; ".join(problems)
         else:
             pods = await client.list(path_for("v1", "pods", namespace), {LABEL_ADAPTER_OWNER: name})
-            reason, detail = failure_message(pods[-1]) if pods else (finished["Failed"].get("reason", "MergeFailed"), "")
+            reason, detail = (failure_message(pods[-1]) if pods
+                              else (finished["Failed"].get("reason", "MergeFailed"), ""))
             message = f"the merge Job failed: {detail or finished['Failed'].get('message', '')}"
         conditions = set_condition(conditions, "Merged", "False", reason, message, generation, now)
         conditions = set_condition(conditions, "Ready", "False", "MergeFailed", message, generation, now)
@@ -298,7 +302,8 @@ def adapters_table(adapters: list[dict], *, production_only: bool = False) -> st
     lines = [("ADAPTER", "VERSION", "RESOURCE", "STAGE", "PHASE", "ADAPTER URI")]
     lines += [(n, str(-v), r, st, ph, uri) for n, v, r, st, ph, uri in sorted(rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:5], widths)) + "  " + line[5] for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:5], widths, strict=True)) + "  " + line[5]
+                     for line in lines)
 
 
 def _verified(status: dict) -> bool:

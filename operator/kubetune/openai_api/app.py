@@ -13,12 +13,13 @@ import logging
 import re
 import secrets
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from pydantic import ValidationError
 
 from kubetune.api import API_VERSION, FineTuneJob
@@ -118,6 +119,9 @@ async def _receive_upload(request: web.Request, limit: int, work: Path) -> tuple
     reader = await request.multipart()
     purpose, filename, target = None, None, None
     while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):  # a nested multipart/* part: no field of this form
+            raise OpenAIError(400, "upload a flat multipart/form-data form with fields purpose and file",
+                              param="file")
         if part.name == "purpose":
             purpose = (await part.read_chunk(256)).decode(errors="replace")
             if not part.at_eof():
@@ -126,13 +130,15 @@ async def _receive_upload(request: web.Request, limit: int, work: Path) -> tuple
             filename = Path(part.filename or "upload.jsonl").name
             target = work / f"upload{Path(filename).suffix.lower()}"
             size = 0
-            with open(target, "wb") as fh:
+            # file I/O off the event loop, like the rest of this module's storage calls
+            fh = await asyncio.to_thread(target.open, "wb")
+            with fh:
                 while block := await part.read_chunk(CHUNK):
                     size += len(block)
                     if size > limit:
                         raise OpenAIError(413, f"the upload is larger than this server's limit of {limit} bytes",
                                           param="file", code="file_too_large")
-                    fh.write(block)
+                    await asyncio.to_thread(fh.write, block)
         else:
             raise OpenAIError(400, f"unknown form field {part.name!r}; send purpose and file", param=part.name)
     if target is None or filename is None:
@@ -208,6 +214,7 @@ async def get_file(request: web.Request) -> web.Response:
 async def file_content(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     namespace, file_id = await _caller_namespace(request, "get"), request.match_info["file_id"]
+    data: bytes | None
     if file_id.startswith(mapping.RESULT_FILE_PREFIX):
         data = (await _result_file(request, namespace, file_id))[1]
     else:
@@ -272,9 +279,11 @@ async def create_job(request: web.Request) -> web.Response:
     if suffix is None:
         raise OpenAIError(400, f"invalid training_file: no file {create.training_file!r} in namespace {namespace}",
                           param="training_file", code="invalid_training_file")
+    file_format = await asyncio.to_thread(service.files.format, namespace, create.training_file)
     job_id = "ftjob-" + secrets.token_hex(10)
     doc = mapping.build_job(create, entry, namespace, job_id,
-                            service.files.content_uri(namespace, create.training_file, suffix), service.placement)
+                            service.files.content_uri(namespace, create.training_file, suffix), service.placement,
+                            file_format)
     try:
         created = await service.client.create(path_for(API_VERSION, FTJ, namespace), doc)
     except ApiError as exc:

@@ -60,6 +60,11 @@ class FileStore:
         meta = self._meta(namespace, file_id)
         return meta["suffix"] if meta else None
 
+    def format(self, namespace: str, file_id: str) -> str | None:
+        """The dataset format its upload check detected (files stored before it was kept: None)."""
+        meta = self._meta(namespace, file_id)
+        return (meta.get("details") or {}).get("format") if meta else None
+
     def list(self, namespace: str) -> list[FileObject]:
         ids = {o.rel.split("/")[0] for o in self.root.child(namespace).list() if o.rel.endswith("/" + META)}
         found = [f for f in (self.get(namespace, i) for i in ids) if f is not None]

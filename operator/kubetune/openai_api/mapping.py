@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from kubetune.api import API_VERSION
-from kubetune.api.finetunejob import Training
+from kubetune.api.finetunejob import Dpo, Training
 from kubetune.api.validation import validate_object
 from kubetune.controller.status import CANCELLED_ANNOTATION
 from kubetune.openai_api.catalog import CatalogEntry
 from kubetune.openai_api.errors import OpenAIError
-from kubetune.openai_api.models import (Checkpoint, FineTuningJob, JobCreate, JobError, JobEvent,
-                                        JobHyperparameters)
+from kubetune.openai_api.models import (
+    Checkpoint,
+    DpoHyperparameters,
+    EventLevel,
+    FineTuningJob,
+    JobCreate,
+    JobError,
+    JobEvent,
+    JobHyperparameters,
+    JobStatus,
+)
 
 PREFIX = "openai.kubetune.dev/"
 A_MODEL, A_FILE, A_SUFFIX, A_LR = (PREFIX + k for k in ("model", "training-file", "suffix", "lr-multiplier"))
@@ -33,7 +43,8 @@ T = TypeVar("T")
 PARAMS = {"spec.training.epochs": "hyperparameters.n_epochs", "spec.training.batchSize": "hyperparameters.batch_size",
           "spec.training.microBatchSize": "hyperparameters.batch_size",
           "spec.training.learningRate": "hyperparameters.learning_rate_multiplier",
-          "spec.training.seed": "seed", "spec.output.adapterName": "suffix"}
+          "spec.training.seed": "seed", "spec.output.adapterName": "suffix",
+          "spec.objective.dpo.beta": "method.dpo.hyperparameters.beta"}
 
 
 @dataclass(frozen=True)
@@ -56,24 +67,46 @@ def adapter_name(model: str, suffix: str | None, job_id: str) -> str:
     return "-".join(p for p in parts if p)[:253]
 
 
+def _check_file_fits(method: str, file_format: str | None, file_id: str) -> None:
+    """Uploads are checked before any job names them, so the file's detected format is matched to
+    the method here: a dpo job needs preference pairs, a supervised one anything but."""
+    if file_format is None:
+        return  # stored before formats were recorded: the trainer's own check decides
+    preference = file_format.startswith("preference")
+    if method == "dpo" and not preference:
+        raise OpenAIError(400, f"training_file {file_id!r} is a {file_format} dataset; method dpo needs "
+                          "preference pairs (prompt, chosen, rejected)", param="training_file",
+                          code="invalid_training_file")
+    if method == "supervised" and preference:
+        raise OpenAIError(400, f"training_file {file_id!r} holds preference pairs; use method dpo, or a "
+                          "supervised dataset", param="training_file", code="invalid_training_file")
+
+
 def build_job(request: JobCreate, entry: CatalogEntry, namespace: str, job_id: str, training_uri: str,
-              placement: Placement) -> dict[str, Any]:
+              placement: Placement, file_format: str | None = None) -> dict[str, Any]:
     """The FineTuneJob a create request asks for, validated by the same models the operator uses;
-    a request the operator would refuse is a 400 here, before anything is created."""
+    a request the operator would refuse is a 400 here, before anything is created.
+    file_format: what the training file's upload check detected."""
     if request.validation_file is not None:
         raise OpenAIError(400, "validation_file is not supported: kubetune holds out a seeded fraction of the "
                           "training file (the catalog's dataset.validationSplit) for evaluation",
                           param="validation_file", code="unsupported")
     method = request.method.type if request.method else "supervised"
-    if method != "supervised":
-        raise OpenAIError(400, f"method {method!r} is not available on this cluster; use 'supervised'",
+    if method not in ("supervised", "dpo"):
+        raise OpenAIError(400, f"method {method!r} is not available on this cluster; use 'supervised' or 'dpo'",
                           param="method.type", code="unsupported")
+    _check_file_fits(method, file_format, request.training_file)
     hyper = request.hyperparameters
-    if request.method and request.method.supervised:
+    settings = request.method and (request.method.supervised if method == "supervised" else request.method.dpo)
+    if settings:
         if hyper is not None:
-            raise OpenAIError(400, "give hyperparameters either at the top level or in method.supervised, not both",
+            raise OpenAIError(400, f"give hyperparameters either at the top level or in method.{method}, not both",
                               param="hyperparameters")
-        hyper = request.method.supervised.hyperparameters
+        hyper = settings.hyperparameters
+    objective: dict[str, Any] = {"type": "dpo"} if method == "dpo" else {}
+    # only method.dpo's hyperparameters carry a beta; the top-level ones never do
+    if method == "dpo" and isinstance(hyper, DpoHyperparameters) and hyper.beta != "auto":
+        objective["dpo"] = {"beta": float(hyper.beta)}
     defaults = copy.deepcopy(entry.defaults)
     training: dict[str, Any] = {}
     multiplier = 1.0
@@ -93,6 +126,7 @@ def build_job(request: JobCreate, entry: CatalogEntry, namespace: str, job_id: s
         "baseModel": entry.base_model.model_dump(by_alias=True, exclude_none=True),
         "dataset": {"uri": training_uri},
         "training": training,
+        **({"objective": objective} if objective else {}),
         "output": {"uri": placement.output_uri, "adapterName": adapter_name(request.model, request.suffix, job_id)},
         "storage": {"secretRef": {"name": placement.storage_secret}},
     })
@@ -121,7 +155,7 @@ def _condition(status: dict, type_: str) -> dict:
     return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
 
 
-def job_status(ftj: dict) -> str:
+def job_status(ftj: dict) -> JobStatus:
     status = ftj.get("status") or {}
     phase = status.get("phase")
     annotations = ftj["metadata"].get("annotations") or {}
@@ -162,6 +196,12 @@ def job_object(ftj: dict, trained_tokens: int | None = None) -> FineTuningJob:
     hyper = JobHyperparameters(n_epochs=_number(training.get("epochs", defaults.epochs)),
                                batch_size=training.get("batchSize", defaults.batch_size),
                                learning_rate_multiplier=float(annotations.get(A_LR, 1.0)))
+    objective = spec.get("objective") or {}
+    if objective.get("type") == "dpo":
+        beta = (objective.get("dpo") or {}).get("beta", Dpo().beta)
+        method = {"type": "dpo", "dpo": {"hyperparameters": hyper.model_dump() | {"beta": beta}}}
+    else:
+        method = {"type": "supervised", "supervised": {"hyperparameters": hyper.model_dump()}}
     return FineTuningJob(
         id=meta["name"], created_at=epoch_seconds(meta.get("creationTimestamp")) or 0, error=error,
         fine_tuned_model=(status.get("adapterRef") or {}).get("name") if state == "succeeded" else None,
@@ -172,7 +212,7 @@ def job_object(ftj: dict, trained_tokens: int | None = None) -> FineTuningJob:
         seed=training.get("seed", defaults.seed), status=state, trained_tokens=trained_tokens,
         training_file=annotations.get(A_FILE) or (spec.get("dataset") or {}).get("uri", ""),
         estimated_finish=updated + eta if state == "running" and updated and eta is not None else None,
-        method={"type": "supervised", "supervised": {"hyperparameters": hyper.model_dump()}},
+        method=method,
         user_provided_suffix=annotations.get(A_SUFFIX))
 
 
@@ -187,7 +227,8 @@ def events_of(ftj: dict, kube_events: Iterable[dict]) -> list[JobEvent]:
         when = (event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
                 or event["metadata"].get("creationTimestamp"))
         warning = event.get("type") == "Warning"
-        level = "error" if warning and "-> Failed" in (event.get("message") or "") else ("warn" if warning else "info")
+        level: EventLevel = ("error" if warning and "-> Failed" in (event.get("message") or "")
+                             else ("warn" if warning else "info"))
         out.append(JobEvent(id=f"ftevent-{event['metadata'].get('uid') or event['metadata']['name']}",
                             created_at=epoch_seconds(when) or 0, level=level,
                             message=f"{event.get('reason', '')}: {event.get('message', '')}".strip(": ")))

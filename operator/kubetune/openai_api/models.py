@@ -7,11 +7,14 @@ Responses carry every field the official clients read; what kubetune has no valu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Auto = Literal["auto"]
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+EventLevel = Literal["info", "warn", "error"]
 
 
 class Strict(BaseModel):
@@ -29,10 +32,19 @@ class Supervised(Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class DpoHyperparameters(Hyperparameters):
+    # strict=False as for the multiplier: a beta of 1 is as valid as 1.0.
+    beta: Auto | Annotated[float, Field(gt=0, le=100, strict=False)] = "auto"
+
+
+class Dpo(Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(Strict):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: Dpo | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -84,7 +96,7 @@ class FineTuningJob(BaseModel):
     organization_id: str
     result_files: list[str] = Field(default_factory=list)
     seed: int
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None
@@ -99,7 +111,7 @@ class JobEvent(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
-    level: Literal["info", "warn", "error"]
+    level: EventLevel
     message: str
     type: Literal["message", "metrics"] = "message"
     data: dict[str, Any] | None = None
@@ -115,7 +127,7 @@ class Checkpoint(BaseModel):
     step_number: int
 
 
-def page(items: list[BaseModel], has_more: bool) -> dict[str, Any]:
+def page(items: Sequence[BaseModel], has_more: bool) -> dict[str, Any]:
     """A list in OpenAI's cursor-page shape; the clients page on with the last item's id as `after`."""
     data = [i.model_dump(mode="json") for i in items]
     return {"object": "list", "data": data, "has_more": has_more,

@@ -8,12 +8,18 @@ plus one layer being recomputed), and the logits with their fp32 upcast and grad
 Liger kernels) the LM head and cross-entropy run in chunks that never hold the full logits, and
 SwiGLU and RMSNorm keep fewer and narrower tensors for backward. Calibrated against peaks measured
 on an H100 (bench/results/): the estimate errs on the high side so that a plan that fits does not OOM.
+
+DPO (objective dpo) trains on two sequences per example (prompt + chosen, prompt + rejected) and
+runs a second forward per step for the reference (the base, the adapter disabled: no second copy
+of the weights). That forward keeps nothing for backward, but it runs while the policy's
+activations are held: one layer's working set and its logits come on top of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 GiB = 1024**3
 # 4-bit codes plus an fp32 absmax per 64-value block: the trainer expands double-quantized
@@ -43,7 +49,7 @@ class ModelShape:
     tied_embeddings: bool = False
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "ModelShape":
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
         """From a transformers config.json (Llama, Qwen2, Mistral, SmolLM and kin)."""
         try:
             heads = int(config["num_attention_heads"])
@@ -127,19 +133,25 @@ def _weight_bytes(shape: ModelShape, quantized: bool, shards: int) -> float:
 
 def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_targets: list[str],
                     micro_batch: int, seq_len: int, checkpointing: bool, fused_kernels: bool,
-                    shards: int = 1) -> MemoryEstimate:
-    """shards: the GPUs that share the base weights and the LoRA state (FSDP); 1 replicates them (DDP)."""
+                    shards: int = 1, preference: bool = False) -> MemoryEstimate:
+    """shards: the GPUs that share the base weights and the LoRA state (FSDP); 1 replicates them (DDP).
+    preference: DPO, where micro_batch counts pairs (two sequences each) and a reference forward runs."""
     weights = _weight_bytes(shape, quantized, shards)
     trainable = lora_parameters(shape, lora_r, lora_targets) * TRAINABLE_BYTES_PER_PARAM / shards
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len * (2 if preference else 1)
     per_layer = _activation_bytes_per_token_layer(shape, lora_targets, fused_kernels) * tokens
     if checkpointing:
         activations = shape.layers * BF16 * shape.hidden * tokens + per_layer
     else:
         activations = shape.layers * per_layer
+    logits: float
     if fused_kernels:
         logits = tokens * shape.hidden * FUSED_LOGIT_BYTES_PER_TOKEN_HIDDEN
     else:
         logits = tokens * shape.vocab * LOGIT_BYTES_PER_ENTRY
+    if preference:
+        # The reference forward: one layer's working set, and logits without their gradients.
+        activations += per_layer
+        logits *= 1.5
     total = (weights + trainable + activations + logits) * FRAGMENTATION + RUNTIME_OVERHEAD_BYTES
     return MemoryEstimate(weights, trainable, activations, logits, total)

@@ -60,7 +60,7 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, micro: int, checkpointin
     return estimate_memory(shape, quantized=spec.method == "qlora" if quantized is None else quantized,
                            lora_r=spec.lora.r, lora_targets=list(spec.lora.target_modules), micro_batch=micro,
                            seq_len=seq_len or spec.training.max_seq_length, checkpointing=checkpointing,
-                           fused_kernels=fused, shards=shards)
+                           fused_kernels=fused, shards=shards, preference=spec.objective.type == "dpo")
 
 
 def plan_run(spec: FineTuneJobSpec, shape: ModelShape | None, gpu_memory_gib: float | None, *,
@@ -86,7 +86,8 @@ def plan_run(spec: FineTuneJobSpec, shape: ModelShape | None, gpu_memory_gib: fl
         return plan(t.micro_batch_size or min(per_process, default), checkpointing)
 
     budget = gpu_memory_gib * GiB * HEADROOM
-    cap = max(1, MAX_TOKENS_PER_MICRO_BATCH // t.max_seq_length)
+    sequences = 2 if spec.objective.type == "dpo" else 1  # a DPO row is a pair: prompt + chosen, prompt + rejected
+    cap = max(1, MAX_TOKENS_PER_MICRO_BATCH // (t.max_seq_length * sequences))
     micros = [t.micro_batch_size] if t.micro_batch_size else [d for d in _divisors_desc(per_process) if d <= cap] or [1]
     options = [fixed_checkpointing] if fixed_checkpointing is not None else [False, True]
 
