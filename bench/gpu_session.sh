@@ -9,8 +9,10 @@
 #      loss parity, baseline (plain TRL SFTTrainer QLoRA script) and kubetune, PARITY_STEPS steps
 #      each, every step's loss appended to $OUT/parity-<case>.jsonl as it is logged (a run cut by
 #      its timeout still leaves its curve); and pytest tests/trainer/test_gpu_paths.py
-#   3. optional: bench/dpo_throughput.py "$DPO_ARGS", only if that file exists, timeout 170 s (less
-#      where the budget has less left), alone on the GPU so its tokens/s is not shared
+#   3. bench/dpo_throughput.py "$DPO_ARGS", timeout 170 s (less where the budget has less left),
+#      alone on the GPU so its tokens/s is not shared
+#   Throughout steps 2 and 3: bench/data_scale.py's 1M rows on CPU cores 4-15 (the GPU steps keep
+#   cores 0-3), for issue #19's peak-RSS goal
 #
 # Run from the repository root on the GPU machine, with `.whl` and `build/devtok` carried:
 #   bash bench/gpu_session.sh
@@ -19,9 +21,9 @@
 # Settings (environment): BUDGET_S (520: no step starts after it, the optional one must end by it),
 # PARITY_ARCH (qwen2.5-0.5b), PARITY_LAYERS (12), PARITY_STEPS (200), PARITY_TIMEOUT_S (300),
 # PYTEST_TIMEOUT_S (180), DPO_ARGS (arguments of bench/dpo_throughput.py; write $OUT in them to
-# put its files there), DPO_TIMEOUT_S (170), TOKENIZER (build/devtok).
+# put its files there), DPO_TIMEOUT_S (170), DATA_ROWS (1000000), TOKENIZER (build/devtok).
 # $OUT takes at most 8 files back: session.log, parity-{baseline,kubetune}.{jsonl,log},
-# pytest-gpu.log and dpo.log use 7, which leaves one for the DPO run's own result file.
+# pytest-gpu.log, dpo.log and data-scale.json (the DPO run's JSON line is the last of dpo.log).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -71,16 +73,23 @@ print("tokenizer", len(load_tokenizer(__import__("pathlib").Path("'"$TOKENIZER"'
 step model-dir 90 "$SESSION" python3 bench/loss_parity.py --build-model-only \
   --arch "$PARITY_ARCH" --layers "$PARITY_LAYERS"
 
+# ---- the 1M-row data preparation (issue #19's peak-RSS goal) on cores 4-15 and no GPU, for the
+# rest of the session; the GPU steps below keep cores 0-3 ------------------------------------
+step data-scale "$((BUDGET_S - (SECONDS - T0)))" "$SESSION" env CUDA_VISIBLE_DEVICES= \
+  taskset -c 4-15 python3 bench/data_scale.py --tokenizer "$TOKENIZER" --rows "${DATA_ROWS:-1000000}" \
+  --out "$OUT/data-scale.json" &
+DATA_SCALE=$!
+
 # ---- 2. loss parity pair and the GPU packing-parity tests, side by side ----------------------
 for case in baseline kubetune; do
   rm -f "$OUT/parity-$case.jsonl"
-  step "parity-$case" "$PARITY_TIMEOUT_S" "$OUT/parity-$case.log" python3 bench/loss_parity.py \
+  step "parity-$case" "$PARITY_TIMEOUT_S" "$OUT/parity-$case.log" taskset -c 0-3 python3 bench/loss_parity.py \
     --case "$case" --arch "$PARITY_ARCH" --layers "$PARITY_LAYERS" --steps "$PARITY_STEPS" \
     --tokenizer "$TOKENIZER" --log "$OUT/parity-$case.jsonl" &
 done
-step pytest-gpu "$PYTEST_TIMEOUT_S" "$OUT/pytest-gpu.log" python3 -m pytest -p no:cacheprovider -v \
-  tests/trainer/test_gpu_paths.py &
-wait
+step pytest-gpu "$PYTEST_TIMEOUT_S" "$OUT/pytest-gpu.log" taskset -c 0-3 python3 -m pytest -p no:cacheprovider \
+  -v tests/trainer/test_gpu_paths.py &
+wait $(jobs -p | grep -vx "$DATA_SCALE")
 log "pytest-gpu: $(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$OUT/pytest-gpu.log" 2>/dev/null | tail -n 1)"
 for case in baseline kubetune; do
   log "parity-$case: $(cat "$OUT/parity-$case.jsonl" 2>/dev/null | grep -c '"step"') steps logged;" \
@@ -91,19 +100,16 @@ step parity-summary 30 /tmp/parity-summary.txt python3 bench/plot_parity.py --ou
   "baseline=$OUT/parity-baseline.jsonl" "kubetune=$OUT/parity-kubetune.jsonl"
 log "parity: $(grep 'steps (reference' /tmp/parity-summary.txt)"
 
-# ---- 3. optional: DPO throughput (another engineer's script), alone on the GPU ---------------
-# >>> OPTIONAL STEP: runs only if bench/dpo_throughput.py exists; arguments from DPO_ARGS. <<<
-if [ -f bench/dpo_throughput.py ]; then
-  left=$((BUDGET_S - (SECONDS - T0)))
-  limit=$((left < DPO_TIMEOUT_S ? left : DPO_TIMEOUT_S))
-  if [ "$limit" -ge 60 ]; then
-    # shellcheck disable=SC2086  # DPO_ARGS is a list of words
-    step dpo "$limit" "$OUT/dpo.log" python3 bench/dpo_throughput.py ${DPO_ARGS:---tokenizer $TOKENIZER}
-    tail -n 3 "$OUT/dpo.log" | cut -c1-600 >>"$SESSION"
-  else
-    log "dpo: skipped, ${left}s of the budget left"
-  fi
+# ---- 3. DPO throughput, alone on the GPU (cores 0-3) -----------------------------------------
+left=$((BUDGET_S - (SECONDS - T0)))
+limit=$((left < DPO_TIMEOUT_S ? left : DPO_TIMEOUT_S))
+if [ "$limit" -ge 60 ]; then
+  # shellcheck disable=SC2086  # DPO_ARGS is a list of words
+  step dpo "$limit" "$OUT/dpo.log" taskset -c 0-3 python3 bench/dpo_throughput.py \
+    ${DPO_ARGS:---tokenizer $TOKENIZER}
+  tail -n 3 "$OUT/dpo.log" | cut -c1-600 >>"$SESSION"
 else
-  log "dpo: skipped, bench/dpo_throughput.py not in the tree"
+  log "dpo: skipped, ${left}s of the budget left"
 fi
+wait "$DATA_SCALE"
 log "done"
