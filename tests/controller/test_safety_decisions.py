@@ -156,6 +156,18 @@ def test_counters_survive_the_pods_that_counted_them():
     assert (finished.attempts, finished.failures, finished.preemptions) == (4, 2, 1)
 
 
+def test_a_running_pod_being_stopped_counts_as_preempted_once():
+    """Kueue suspends the Job, the pod gets SIGTERM and is deleted: its exit 75 may never be listed."""
+    running = count_pods(Counters(), [_pod("a", "Running")])
+    stopping = _pod("a", "Running")
+    stopping["metadata"]["deletionTimestamp"] = "2026-01-01T00:05:00Z"
+    counters = count_pods(running, [stopping])
+    assert (counters.attempts, counters.failures, counters.preemptions) == (1, 0, 1)
+    exited = count_pods(counters, [_pod("a", "Failed", 75)])  # when its exit is seen after all
+    assert (exited.attempts, exited.failures, exited.preemptions) == (1, 0, 1)
+    assert count_pods(exited, []) == Counters(1, 0, 1, ())  # and gone
+
+
 def test_a_pod_that_has_not_run_is_no_attempt_yet():
     counters = count_pods(Counters(), [_pod("a", "Pending")])
     assert counters.attempts == 0

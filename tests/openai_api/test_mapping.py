@@ -136,6 +136,15 @@ def test_events_newest_first_with_progress_as_metrics():
     assert events[0].type == "metrics" and events[0].data["train_loss"] == 1.5
 
 
+def test_a_finished_job_has_its_outcome_as_an_event_from_its_status():
+    done = ftj("Succeeded", [("Complete", "True")], completionTime="2026-12-01T10:05:00Z")
+    failed = ftj("Failed", [("Failed", "True")], message="line 3: bad", completionTime="2026-12-01T10:05:00Z")
+    events = {name: mapping.events_of(job, []) for name, job in (("done", done), ("failed", failed))}
+    assert [(e.message, e.level) for e in events["done"]] == [("The job has successfully completed", "info")]
+    assert [(e.message, e.level) for e in events["failed"]] == [("The job failed: line 3: bad", "error")]
+    assert mapping.events_of(ftj("Running", []), []) == []  # no outcome before it has one
+
+
 def test_paging_follows_after():
     items = list("abcde")
     assert mapping.paginate(items, str, None, 2) == (["a", "b"], True)

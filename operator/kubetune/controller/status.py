@@ -179,6 +179,10 @@ def _outcome(pod: dict) -> str | None:
     phase = (pod.get("status") or {}).get("phase")
     if phase == "Failed":
         return "Preempted" if is_preempted(pod) else "Failed"
+    if phase == "Running" and (pod.get("metadata") or {}).get("deletionTimestamp"):
+        # Being stopped (a suspended Job, an eviction): counted now, because the pod and its
+        # SIGTERM exit (75) may be gone before a reconcile lists it again.
+        return "Preempted"
     return {"Succeeded": "Succeeded", "Running": "Ran"}.get(phase or "")
 
 

@@ -232,7 +232,16 @@ def events_of(ftj: dict, kube_events: Iterable[dict]) -> list[JobEvent]:
         out.append(JobEvent(id=f"ftevent-{event['metadata'].get('uid') or event['metadata']['name']}",
                             created_at=epoch_seconds(when) or 0, level=level,
                             message=f"{event.get('reason', '')}: {event.get('message', '')}".strip(": ")))
-    progress = (ftj.get("status") or {}).get("progress") or {}
+    status = ftj.get("status") or {}
+    state = job_status(ftj)
+    if state in ("succeeded", "failed", "cancelled") and status.get("completionTime"):
+        # From the status, the one record of the outcome: the operator's Kubernetes Events are
+        # posted in the background and best-effort (Kopf drops one it fails to post).
+        outcome = {"succeeded": "The job has successfully completed", "cancelled": "The job was cancelled",
+                   "failed": f"The job failed: {status.get('message', '')}".rstrip(": ")}[state]
+        out.append(JobEvent(id=f"ftevent-{name}-{state}", created_at=epoch_seconds(status["completionTime"]) or 0,
+                            level="error" if state == "failed" else "info", message=outcome))
+    progress = status.get("progress") or {}
     if progress.get("step"):
         step, total = progress["step"], progress.get("totalSteps")
         data = {"step": step, "total_steps": total, "train_loss": progress.get("loss"),
