@@ -95,8 +95,9 @@ def start_kueue(plane: ControlPlane, state: Path, timeout_s: float = 180) -> Com
     # a fixed path, /etc/kueue/metrics/certs (cmd/kueue/main.go), metrics off or not: a mount
     # namespace of its own (bubblewrap) puts the serving pair there. The visibility API is an
     # aggregated API server of its own: off, not registered here.
-    manager = Component("kueue", ["bwrap", "--dev-bind", "/", "/", "--bind", str(certs), METRICS_CERTS, "--",
-                                  ecosystem_tool("kueue"), f"--config={config}",
+    # --die-with-parent: stopping bwrap (SIGTERM) must stop the manager too, or it outlives the test.
+    manager = Component("kueue", ["bwrap", "--die-with-parent", "--dev-bind", "/", "/",
+                                  "--bind", str(certs), METRICS_CERTS, "--", ecosystem_tool("kueue"), f"--config={config}",
                                   f"--kubeconfig={plane.admin_kubeconfig}", "--feature-gates=VisibilityOnDemand=false"],
                         state / "kueue.log", lambda: _ready(health_port))
     manager.start(timeout_s)
