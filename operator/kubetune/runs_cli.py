@@ -107,7 +107,9 @@ def _series(run: Run, key: str) -> list[tuple[int, float]]:
 
 
 def text_plot(runs: list[Run], width: int = TEXT_WIDTH, height: int = TEXT_HEIGHT) -> str:
-    """Loss (and eval loss) against step on a character grid; later runs draw over earlier ones."""
+    """Loss (and eval loss) against step on a character grid; later runs draw over earlier ones.
+    By hand rather than with a terminal-plotting package (plotext): a character grid is a few lines,
+    and the CLI takes no dependency for a quick look (the PNG, through matplotlib, is the real plot)."""
     points = [p for run in runs for key in ("loss", "evalLoss") for p in _series(run, key)]
     if not points:
         return "no steps to plot"
