@@ -98,6 +98,11 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def parse_rfc3339(timestamp: str) -> datetime:
+    """A Kubernetes timestamp (`2026-12-01T10:00:00Z`), timezone-aware."""
+    return datetime.fromisoformat(timestamp)
+
+
 CONDITIONS_SCHEMA_EXTRA = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
 # A sub-object with defaults of its own: the API server fills it in when absent, so CEL rules
 # may read its fields without has() guards.

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from datetime import datetime
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from kubetune.api.meta import parse_rfc3339
 
 JOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase, as last recorded by this operator", ["phase"])
 RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Time to reconcile one object", ["kind"])
@@ -80,7 +81,7 @@ def status_recorded(meta: dict, before: dict, patch: dict) -> None:
     if patch.get("progress"):
         _progress_recorded(namespace, name, patch["progress"])
     if patch.get("startTime") and not before.get("startTime") and meta.get("creationTimestamp"):
-        wait = (_parse(patch["startTime"]) - _parse(meta["creationTimestamp"])).total_seconds()
+        wait = (parse_rfc3339(patch["startTime"]) - parse_rfc3339(meta["creationTimestamp"])).total_seconds()
         QUEUE_WAIT.labels(namespace).observe(max(0.0, wait))
 
 
@@ -93,10 +94,6 @@ def _progress_recorded(namespace: str, name: str, progress: dict) -> None:
             gauge.labels(namespace, name).set(values[field])
 
 
-def _parse(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-
-
 def attempts_recorded(before: dict, after: dict) -> None:
     for field, cause in (("failures", "failure"), ("preemptions", "preemption")):
         grown = (after.get(field) or 0) - (before.get(field) or 0)
@@ -107,5 +104,5 @@ def attempts_recorded(before: dict, after: dict) -> None:
 def finished(namespace: str, gpus: int, nodes: int, start: str | None, end: str) -> None:
     if not start or not gpus:
         return
-    hours = max(0.0, (_parse(end) - _parse(start)).total_seconds()) / 3600
+    hours = max(0.0, (parse_rfc3339(end) - parse_rfc3339(start)).total_seconds()) / 3600
     GPU_HOURS.labels(namespace).inc(gpus * nodes * hours)

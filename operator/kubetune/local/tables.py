@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from kubetune.api.meta import parse_rfc3339
+
 NAME_COLUMN = {"name": "Name", "type": "string", "format": "name", "priority": 0,
                "description": "Name must be unique within a namespace."}
 AGE_COLUMN = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp", "priority": 0,
@@ -26,7 +28,7 @@ def _at(obj: Any, json_path: str) -> Any:
 
 def human_age(timestamp: str, now: datetime.datetime) -> str:
     """As the API server renders date columns: 45s, 12m, 3h, 2d."""
-    then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    then = parse_rfc3339(timestamp)
     seconds = max(0, int((now - then).total_seconds()))
     if seconds < 120:
         return f"{seconds}s"

@@ -11,11 +11,11 @@ import copy
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 from kubetune.api import API_VERSION
 from kubetune.api.finetunejob import Dpo, Training
+from kubetune.api.meta import parse_rfc3339
 from kubetune.api.validation import validate_object
 from kubetune.controller.status import CANCELLED_ANNOTATION
 from kubetune.openai_api.catalog import CatalogEntry
@@ -148,7 +148,7 @@ def build_job(request: JobCreate, entry: CatalogEntry, namespace: str, job_id: s
 def epoch_seconds(timestamp: str | None) -> int | None:
     if not timestamp:
         return None
-    return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
+    return int(parse_rfc3339(timestamp).timestamp())
 
 
 def _condition(status: dict, type_: str) -> dict:
