@@ -117,7 +117,6 @@ class NodeKubelet:
         await self._renew_lease()
 
     async def _node_status(self) -> None:
-        self.status_at = asyncio.get_running_loop().time()
         now = now_rfc3339()
         healthy = [(kind, "False", reason) for kind, reason in (
             ("MemoryPressure", "KubeletHasSufficientMemory"), ("DiskPressure", "KubeletHasNoDiskPressure"),
@@ -133,6 +132,7 @@ class NodeKubelet:
                          "osImage": "kubetune local executor", "containerRuntimeVersion": "kubetune://process",
                          "kubeletVersion": "kubetune", "kubeProxyVersion": "", "operatingSystem": "linux",
                          "architecture": platform.machine()}}})
+        self.status_at = asyncio.get_running_loop().time()  # after the write: a failed one is retried next beat
 
     async def _renew_lease(self) -> None:
         path = path_for("coordination.k8s.io/v1", "leases", "kube-node-lease", self.name)
