@@ -165,6 +165,8 @@ def test_a_running_pod_being_stopped_counts_as_preempted_once():
     assert (counters.attempts, counters.failures, counters.preemptions) == (1, 0, 1)
     exited = count_pods(counters, [_pod("a", "Failed", 75)])  # when its exit is seen after all
     assert (exited.attempts, exited.failures, exited.preemptions) == (1, 0, 1)
+    killed = count_pods(counters, [_pod("a", "Failed", 137)])  # or killed at the end of its grace period
+    assert (killed.attempts, killed.failures, killed.preemptions) == (1, 0, 1)
     assert count_pods(exited, []) == Counters(1, 0, 1, ())  # and gone
 
 

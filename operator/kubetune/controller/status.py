@@ -199,7 +199,7 @@ def count_pods(before: Counters, pods: list[dict]) -> Counters:
         if outcome is None:
             continue
         attempts += old is None
-        if outcome != old:
+        if outcome != old and old in (None, "Ran"):  # an ending counts once: the first one seen
             failures += outcome == "Failed"
             preemptions += outcome == "Preempted"
         counted.append((uid, outcome))
