@@ -60,12 +60,7 @@ def barrier(ranks: Ranks) -> None:
 
 def any_rank(ranks: Ranks, flag: bool) -> bool:
     """True on every rank if it is true on one (a SIGTERM reaches the pods of a group at different times)."""
-    if not ranks.distributed:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(_all_reduce(ranks, int(flag), dist.ReduceOp.MAX))
 
 
 def shutdown(ranks: Ranks) -> None:
@@ -103,8 +98,15 @@ def union_size(ranks: Ranks, items: set) -> int:
 
 
 def total(ranks: Ranks, count: int) -> int:
+    return _all_reduce(ranks, count, dist.ReduceOp.SUM)
+
+
+def _all_reduce(ranks: Ranks, value: int, op) -> int:
+    """One integer reduced over the ranks: a tensor collective, no pickling (the history sums
+    tokens every step)."""
     if not ranks.distributed:
-        return count
-    values: list[Any] = [None] * ranks.world_size
-    dist.all_gather_object(values, count)
-    return sum(values)
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return int(tensor.item())
