@@ -69,9 +69,11 @@ def phase_recorded(namespace: str, name: str, phase: str | None) -> None:
                 pass
 
 
-def status_recorded(meta: dict, before: dict, patch: dict) -> None:
+def status_recorded(body: dict, patch: dict) -> None:
     """What a status write changes, as metrics: the job's phase, its progress gauges, its queue wait
-    (when its first pod ran) and a failure by reason (when it turns Failed)."""
+    (when its first pod ran), a failure by reason (when it turns Failed), retried attempts by cause,
+    and its GPU-hours (when it completes)."""
+    meta, before = body["metadata"], body.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
     if "phase" in patch:
         phase_recorded(namespace, name, patch["phase"])
@@ -80,9 +82,19 @@ def status_recorded(meta: dict, before: dict, patch: dict) -> None:
             FAILED.labels(failed.get("reason") or "Unknown").inc()
     if patch.get("progress"):
         _progress_recorded(namespace, name, patch["progress"])
+    start = before.get("startTime") or patch.get("startTime")
     if patch.get("startTime") and not before.get("startTime") and meta.get("creationTimestamp"):
         wait = (parse_rfc3339(patch["startTime"]) - parse_rfc3339(meta["creationTimestamp"])).total_seconds()
         QUEUE_WAIT.labels(namespace).observe(max(0.0, wait))
+    for field, cause in (("failures", "failure"), ("preemptions", "preemption")):
+        grown = (patch.get(field) or 0) - (before.get(field) or 0)
+        if grown > 0:
+            RETRIES.labels(cause).inc(grown)
+    resources = (body.get("spec") or {}).get("resources") or {}
+    gpus, nodes = resources.get("gpus", 1), resources.get("nodes", 1)
+    if patch.get("completionTime") and not before.get("completionTime") and start and gpus:
+        hours = max(0.0, (parse_rfc3339(patch["completionTime"]) - parse_rfc3339(start)).total_seconds()) / 3600
+        GPU_HOURS.labels(namespace).inc(gpus * nodes * hours)
 
 
 def _progress_recorded(namespace: str, name: str, progress: dict) -> None:
@@ -92,17 +104,3 @@ def _progress_recorded(namespace: str, name: str, progress: dict) -> None:
     for field, gauge in JOB_PROGRESS.items():
         if isinstance(values.get(field), (int, float)):
             gauge.labels(namespace, name).set(values[field])
-
-
-def attempts_recorded(before: dict, after: dict) -> None:
-    for field, cause in (("failures", "failure"), ("preemptions", "preemption")):
-        grown = (after.get(field) or 0) - (before.get(field) or 0)
-        if grown > 0:
-            RETRIES.labels(cause).inc(grown)
-
-
-def finished(namespace: str, gpus: int, nodes: int, start: str | None, end: str) -> None:
-    if not start or not gpus:
-        return
-    hours = max(0.0, (parse_rfc3339(end) - parse_rfc3339(start)).total_seconds()) / 3600
-    GPU_HOURS.labels(namespace).inc(gpus * nodes * hours)

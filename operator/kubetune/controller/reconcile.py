@@ -65,7 +65,7 @@ async def write_status(client: KubeClient, body: dict, patch: dict[str, Any]) ->
     meta = body["metadata"]
     if merge_patch_changes(body.get("status") or {}, patch):
         await client.patch(ftj_path(meta["namespace"], meta["name"], "status"), {"status": patch})
-    metrics.status_recorded(meta, body.get("status") or {}, patch)
+    metrics.status_recorded(body, patch)
 
 
 async def _ahead_of(client: KubeClient, namespace: str, name: str, created: str) -> int:
@@ -270,11 +270,6 @@ async def record(client: KubeClient, body: dict, status: dict, obs: Observation,
         event(body, reason=obs.reason, message=f"{status.get('phase', 'None')} -> {obs.phase}"
                                                + (f": {obs.message}" if obs.message else ""))
     await write_status(client, body, patch)
-    metrics.attempts_recorded(status, patch)
-    if "completionTime" in patch and not status.get("completionTime"):
-        resources = (body.get("spec") or {}).get("resources") or {}
-        metrics.finished(body["metadata"]["namespace"], resources.get("gpus", 1), resources.get("nodes", 1),
-                         status.get("startTime") or patch.get("startTime"), patch["completionTime"])
 
 
 async def clean_up(client: KubeClient, body: dict) -> None:
