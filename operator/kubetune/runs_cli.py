@@ -20,8 +20,8 @@ from pathlib import Path
 from kubetune.api.meta import API_VERSION
 from kubetune.contract import HISTORY_FILE
 from kubetune.storage.config import StorageConfig
-from kubetune.storage.location import ObjectMissing, open_location
-from kubetune.storage.manifest import read_manifest
+from kubetune.storage.location import Location, ObjectMissing, open_location
+from kubetune.storage.manifest import Manifest, read_manifest
 
 TEXT_WIDTH, TEXT_HEIGHT = 72, 16
 # Text plot markers, one pair (loss, eval loss) per run.
@@ -43,41 +43,54 @@ class Run:
     rows: list[dict]
 
 
-def resolve(ref: str, namespace: str) -> str:
-    """The artifact URI of a run: the reference itself, or what the cluster's resource names."""
-    if "://" in ref:
-        return ref
+def resolve(refs: list[str], namespace: str) -> list[str]:
+    """The artifact URI of each run: the reference itself, or the artifact of the LoraAdapter it
+    names (directly, or as a FineTuneJob's status.adapterRef); one client for all of them."""
+    if all("://" in ref for ref in refs):
+        return refs
     import asyncio
 
+    from kubetune.controller.adapters import adapter_path
     from kubetune.controller.kube import KubeClient, KubeConfig, path_for
 
-    async def lookup() -> str:
+    async def lookup(client: KubeClient, ref: str) -> str:
+        if "://" in ref:
+            return ref
+        adapter = await client.get(adapter_path(namespace, ref))
+        if adapter is not None:
+            return str(adapter["spec"]["artifact"]["uri"])
+        job = await client.get(path_for(API_VERSION, "finetunejobs", namespace, ref))
+        if job is None:
+            raise RunError(f"{namespace}/{ref}: no LoraAdapter or FineTuneJob of that name")
+        name = ((job.get("status") or {}).get("adapterRef") or {}).get("name")
+        if not name:
+            raise RunError(f"FineTuneJob {namespace}/{ref} has published no run yet (no status.adapterRef)")
+        adapter = await client.get(adapter_path(namespace, name))
+        if adapter is None:
+            raise RunError(f"FineTuneJob {namespace}/{ref}: its LoraAdapter {name} is gone")
+        return str(adapter["spec"]["artifact"]["uri"])
+
+    async def lookup_all() -> list[str]:
         client = KubeClient(KubeConfig.load())
         try:
-            adapter = await client.get(path_for(API_VERSION, "loraadapters", namespace, ref))
-            if adapter is None:
-                job = await client.get(path_for(API_VERSION, "finetunejobs", namespace, ref))
-                if job is None:
-                    raise RunError(f"{namespace}/{ref}: no LoraAdapter or FineTuneJob of that name")
-                name = ((job.get("status") or {}).get("adapterRef") or {}).get("name")
-                if not name:
-                    raise RunError(f"FineTuneJob {namespace}/{ref} has published no run yet (no status.adapterRef)")
-                adapter = await client.get(path_for(API_VERSION, "loraadapters", namespace, name))
-                if adapter is None:
-                    raise RunError(f"FineTuneJob {namespace}/{ref}: its LoraAdapter {name} is gone")
-            return str(adapter["spec"]["artifact"]["uri"])
+            return [await lookup(client, ref) for ref in refs]
         finally:
             await client.close()
-    return asyncio.run(lookup())
+    return asyncio.run(lookup_all())
 
 
 def read_history(uri: str, storage: StorageConfig | None, volume_root: Path = Path("/")) -> list[dict]:
-    """The history rows the run's manifest lists, checked against the manifest's size and sha256."""
+    """The history rows of the run at `uri`."""
     location = open_location(uri, storage=storage, volume_root=volume_root, retry_budget_s=10)
     try:
         manifest = read_manifest(location)
     except ObjectMissing as exc:
         raise RunError(f"{uri}: no run manifest (a run publishes manifest.json last, once it succeeded)") from exc
+    return history_rows(location, manifest, uri)
+
+
+def history_rows(location: Location, manifest: Manifest, uri: str) -> list[dict]:
+    """The history rows the run's manifest lists, checked against the manifest's size and sha256."""
     entry = next((f for f in manifest.files if f.path == HISTORY_FILE), None)
     if entry is None:
         raise RunError(f"{uri}: the run kept no {HISTORY_FILE} (published by an older trainer)")
@@ -88,7 +101,7 @@ def read_history(uri: str, storage: StorageConfig | None, volume_root: Path = Pa
 
 
 def load_runs(refs: list[str], namespace: str, volume_root: Path) -> list[Run]:
-    uris = [resolve(ref, namespace) for ref in refs]
+    uris = resolve(refs, namespace)
     storage = StorageConfig.from_env() if any(u.startswith("s3://") for u in uris) else None
     return [Run(ref, uri, read_history(uri, storage, volume_root)) for ref, uri in zip(refs, uris, strict=True)]
 

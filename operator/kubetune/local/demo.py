@@ -17,7 +17,7 @@ from kubetune.contract import HISTORY_FILE
 from kubetune.controller.adapters import adapter_path
 from kubetune.controller.kube import path_for
 from kubetune.local.stack import LocalStack
-from kubetune.runs_cli import Run, png_plot, read_history
+from kubetune.runs_cli import Run, history_rows, png_plot
 from kubetune.storage.location import open_location
 from kubetune.storage.manifest import read_manifest
 from kubetune.storage.models import import_model
@@ -109,6 +109,6 @@ def _report(stack: LocalStack, adapter: dict, elapsed: float) -> int:
     print(f"\napply -> adapter {status.get('phase')}: {elapsed:.0f}s; training: {json.dumps(metrics['train'])}")
     if any(entry.path == HISTORY_FILE for entry in manifest.files):
         uri, curve = adapter["spec"]["artifact"]["uri"], stack.state / "curve.png"
-        png_plot([Run(adapter["metadata"]["name"], uri, read_history(uri, stack.storage))], curve)
+        png_plot([Run(adapter["metadata"]["name"], uri, history_rows(location, manifest, uri))], curve)
         print(f"loss curve: {curve.resolve()} (again with `kubetune runs plot`)")
     return 0 if status.get("phase") == "Ready" else 1
