@@ -8,6 +8,7 @@ the rejected assistant turns). A dataset uses one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,11 @@ def check_pair(record: Record, file: str) -> tuple[str, dict]:
     return layout, pair
 
 
-def read_pairs(path: Path, name: str) -> tuple[str, list[dict]]:
-    """Every checked pair of a dataset file or directory of parts, and their one layout."""
-    layout, first_where, pairs = None, None, []
-    for record in iter_records(path, name):
+def iter_pairs(records: Iterable[Record], name: str) -> Iterator[tuple[str, dict]]:
+    """Each checked pair with the dataset's one layout (the first record's); a record of another
+    layout is refused. Streams: the API's upload check counts a large upload through it."""
+    layout, first_where = None, None
+    for record in records:
         file = record.file or name
         this, pair = check_pair(record, file)
         if layout is None:
@@ -59,9 +61,13 @@ def read_pairs(path: Path, name: str) -> tuple[str, list[dict]]:
             raise DatasetError(file, f"is {this} but the first record ({first_where}) is {layout}; "
                                "use one layout for the whole dataset", record.where)
         where = record.where if file == name else f"{file.rpartition('/')[2]} {record.where}"
-        pairs.append({**pair, "where": where})
-    assert layout is not None  # iter_records raises on a dataset without records
-    return layout, pairs
+        yield layout, {**pair, "where": where}
+
+
+def read_pairs(path: Path, name: str) -> tuple[str, list[dict]]:
+    """Every checked pair of a dataset file or directory of parts, and their one layout."""
+    checked = list(iter_pairs(iter_records(path, name), name))  # iter_records raises on no records
+    return checked[0][0], [pair for _, pair in checked]
 
 
 def is_preference(record: Record) -> bool:

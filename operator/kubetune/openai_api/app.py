@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from kubetune.api import API_VERSION, FineTuneJob
 from kubetune.api.meta import DNS1123_LABEL, DNS1123_SUBDOMAIN, now_rfc3339
+from kubetune.contract import HISTORY_FILE
 from kubetune.controller.jobs import run_output_uri
 from kubetune.controller.kube import ApiError, KubeClient, path_for
 from kubetune.openai_api import mapping
@@ -36,7 +37,7 @@ from kubetune.openai_api.uploads import check_dataset, suffix_of
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import ObjectMissing, open_location
-from kubetune.storage.manifest import read_manifest
+from kubetune.storage.manifest import MANIFEST, read_manifest
 from kubetune_trainer.records import DatasetError
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ async def _result_file(request: web.Request, namespace: str, file_id: str) -> tu
     def fetch() -> tuple[str, bytes]:
         location = open_location(uri, storage=service.storage, volume_root=Path("/"))
         manifest = read_manifest(location)
-        name = "history.jsonl" if any(f.path == "history.jsonl" for f in manifest.files) else "manifest.json"
+        name = HISTORY_FILE if any(f.path == HISTORY_FILE for f in manifest.files) else MANIFEST
         return name, location.get_bytes(name)
     name, data = await asyncio.to_thread(fetch)
     created = mapping.epoch_seconds((job.get("status") or {}).get("completionTime")) or 0
@@ -275,11 +276,11 @@ async def create_job(request: web.Request) -> web.Response:
     catalog = parse_catalog(await service.client.get(path_for("v1", "configmaps", catalog_ns, catalog_name)),
                             f"{catalog_ns}/{catalog_name}")
     entry = lookup(catalog, create.model)
-    suffix = await asyncio.to_thread(service.files.suffix, namespace, create.training_file)
-    if suffix is None:
+    kind = await asyncio.to_thread(service.files.kind, namespace, create.training_file)
+    if kind is None:
         raise OpenAIError(400, f"invalid training_file: no file {create.training_file!r} in namespace {namespace}",
                           param="training_file", code="invalid_training_file")
-    file_format = await asyncio.to_thread(service.files.format, namespace, create.training_file)
+    suffix, file_format = kind
     job_id = "ftjob-" + secrets.token_hex(10)
     doc = mapping.build_job(create, entry, namespace, job_id,
                             service.files.content_uri(namespace, create.training_file, suffix), service.placement,

@@ -56,14 +56,11 @@ class FileStore:
         meta = self._meta(namespace, file_id)
         return FileObject.model_validate({k: meta[k] for k in FileObject.model_fields if k in meta}) if meta else None
 
-    def suffix(self, namespace: str, file_id: str) -> str | None:
+    def kind(self, namespace: str, file_id: str) -> tuple[str, str | None] | None:
+        """A stored file's suffix and the dataset format its upload check detected (None for files
+        stored before it was kept); None when there is no such file."""
         meta = self._meta(namespace, file_id)
-        return meta["suffix"] if meta else None
-
-    def format(self, namespace: str, file_id: str) -> str | None:
-        """The dataset format its upload check detected (files stored before it was kept: None)."""
-        meta = self._meta(namespace, file_id)
-        return (meta.get("details") or {}).get("format") if meta else None
+        return (meta["suffix"], (meta.get("details") or {}).get("format")) if meta else None
 
     def list(self, namespace: str) -> list[FileObject]:
         ids = {o.rel.split("/")[0] for o in self.root.child(namespace).list() if o.rel.endswith("/" + META)}

@@ -3,10 +3,11 @@ is refused at once, with the trainer's message (file, line or row, field)."""
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 from kubetune_trainer.formats import Renderer, detect_format
-from kubetune_trainer.pairs import check_pair, is_preference
+from kubetune_trainer.pairs import is_preference, iter_pairs
 from kubetune_trainer.records import SUFFIXES, DatasetError, iter_records
 
 
@@ -27,19 +28,17 @@ def check_dataset(path: Path, filename: str) -> tuple[str, int]:
     """The detected format and record count; raises the trainer's DatasetError naming `filename`.
     Records stream through, so a large upload is never all in memory. Preference pairs (for method
     dpo) are checked as the trainer's DPO reader checks them; the job's method is not known yet."""
+    records = iter_records(path, filename)
+    first = next(records)  # iter_records raises on a dataset without records
+    if is_preference(first):  # the trainer's `format: auto`: the first record decides
+        checked = iter_pairs(chain([first], records), filename)
+        layout, _ = next(checked)
+        return layout, 1 + sum(1 for _ in checked)
+    fmt = detect_format(first, filename)
     renderer = Renderer(_StructureTemplate(), filename, completion_only=True)
-    fmt, count, first_where = "", 0, ""
-    for record in iter_records(path, filename):
-        if not fmt:  # the trainer's `format: auto`: the first record decides
-            fmt = check_pair(record, filename)[0] if is_preference(record) else detect_format(record, filename)
-            first_where = record.where
-        if fmt.startswith("preference"):
-            layout = check_pair(record, filename)[0]
-            if layout != fmt:
-                raise DatasetError(filename, f"is {layout} but the first record ({first_where}) is {fmt}; "
-                                   "use one layout for the whole dataset", record.where)
-        else:
-            renderer.render(fmt, record)
+    count = 0
+    for record in chain([first], records):
+        renderer.render(fmt, record)
         count += 1
     return fmt, count
 
