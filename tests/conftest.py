@@ -4,9 +4,10 @@ import uuid
 
 import pytest
 
-from kubetune.storage.client import make_client
-from kubetune.storage.location import S3Location
 from kubetune.local.s3server import S3Server
+from kubetune.storage.client import make_client
+from kubetune.storage.config import SECRET_KEYS
+from kubetune.storage.location import S3Location
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,15 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def store_env(s3_server, monkeypatch):
+    """The server's credentials in the environment, as the CLI reads the store's secret there."""
+    config = s3_server.config
+    for key, value in {"endpoint": f"http://{config.endpoint}", "accessKey": config.access_key,
+                       "secretKey": config.secret_key, "region": config.region}.items():
+        monkeypatch.setenv(SECRET_KEYS[key], value)
 
 
 @pytest.fixture

@@ -4,31 +4,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
 from kubetune.cli import main
-from kubetune.contract import HISTORY_FILE
 from kubetune.local.apiserver import ApiServer
-from kubetune.storage.config import SECRET_KEYS
-from kubetune.storage.manifest import Manifest, describe_dir, publish
+from tests.storage.test_runs_cli import _publish_run
 from tests.support import minimal_job
 
 pytestmark = pytest.mark.kmock(cls=ApiServer)
 API = "/apis/kubetune.dev/v1alpha1/namespaces/default"
 
 
-async def test_adapter_and_job_names_lead_to_the_same_history(cluster, s3_server, s3_bucket, tmp_path, monkeypatch,
-                                                              capsys):
-    for key, value in {"endpoint": f"http://{s3_server.config.endpoint}", "accessKey": s3_server.config.access_key,
-                       "secretKey": s3_server.config.secret_key}.items():
-        monkeypatch.setenv(SECRET_KEYS[key], value)
-    local = tmp_path / "run"
-    local.mkdir()
-    (local / HISTORY_FILE).write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
-    publish(s3_bucket.child("runs/job-1"), Manifest("RunManifest", describe_dir(local)), local)
-    uri = f"s3://{s3_bucket.bucket}/runs/job-1"
+async def test_adapter_and_job_names_lead_to_the_same_history(cluster, store_env, s3_bucket, tmp_path, capsys):
+    uri = _publish_run(s3_bucket, tmp_path, "job-1", [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)])
 
     await cluster.post(f"{API}/loraadapters", json={
         "apiVersion": "kubetune.dev/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": "job-1"},

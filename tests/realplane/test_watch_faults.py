@@ -14,18 +14,17 @@ import json
 import time
 
 import pytest
-import yaml
 
 from kubetune.controller.jobs import job_name
 from kubetune.controller.kube import path_for
-from tests.realplane.kubetune_install import audited_calls, install, prepare_inputs, running_node, storage_secret, uninstall
+from tests.realplane.kubetune_install import (audited_calls, install, prepare_inputs, quickstart_doc, running_node,
+                                              storage_secret, uninstall)
 from tests.realplane.operator_process import kubectl_apply
-from tests.support import REPO, eventually, minimal_job, patched
+from tests.support import eventually, minimal_job, patched
 
 pytestmark = pytest.mark.soak  # about 20 minutes on 2 cores: `./scripts/test -m soak tests/realplane/test_watch_faults.py`
 
 FTJ_API = "kubetune.dev/v1alpha1"
-QUICKSTART = REPO / "examples" / "local" / "finetunejob.yaml"
 WATCH_RESTARTED = "Restarting the watch-stream"  # what Kopf logs on a 410 Gone
 
 
@@ -50,9 +49,7 @@ def installed(control_plane, kubetune_crds, s3_server, tmp_path):
 
 async def test_watches_survive_apiserver_and_etcd_faults(control_plane, installed, tmp_path):
     plane, namespace = control_plane, installed.namespaces[0]
-    # Exact-match generation off: its answers take most of an hour of a shared 2-core machine and
-    # change no call the operator makes (as in test_operator_rbac.py).
-    doc = patched(yaml.safe_load(QUICKSTART.read_text()), {"spec": {"evaluation": {"exactMatch": False}}})
+    doc = quickstart_doc()
     doc["metadata"] = {"name": "survivor"}
     figures: dict[str, float | int | str] = {}
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from kubetune.cli import main
 from kubetune.contract import HISTORY_FILE
 from kubetune.runs_cli import Run, text_plot
-from kubetune.storage.config import SECRET_KEYS
 from kubetune.storage.manifest import Manifest, describe_dir, publish
 
 
@@ -35,14 +32,6 @@ def _publish_run(location, tmp_path, name: str, rows: list[dict] | None) -> str:
     run = location.child(f"runs/{name}")
     publish(run, Manifest("RunManifest", describe_dir(local), {"metrics": {}}), local)
     return f"s3://{location.bucket}/runs/{name}"
-
-
-@pytest.fixture
-def store_env(s3_server, monkeypatch):
-    config = s3_server.config
-    for key, value in {"endpoint": f"http://{config.endpoint}", "accessKey": config.access_key,
-                       "secretKey": config.secret_key}.items():
-        monkeypatch.setenv(SECRET_KEYS[key], value)
 
 
 def test_show_prints_every_step_of_the_published_history(store_env, s3_bucket, tmp_path, capsys):

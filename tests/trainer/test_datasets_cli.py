@@ -7,7 +7,6 @@ import hashlib
 import json
 
 from kubetune.cli import main
-from kubetune.storage.config import SECRET_KEYS
 from kubetune_trainer.samples import invoice_records, write_jsonl
 
 
@@ -31,11 +30,7 @@ def test_check_fails_bad_data_with_the_trainers_message(tmp_path, smollm2_dir, c
         f"kubetune datasets check: {path}: line 2: field 'completion': must be a string, got int")
 
 
-def test_push_checks_uploads_and_prints_the_sha256(tmp_path, smollm2_dir, s3_server, s3_bucket, monkeypatch, capsys):
-    config = s3_server.config
-    for key, value in {"endpoint": f"http://{config.endpoint}", "accessKey": config.access_key,
-                       "secretKey": config.secret_key, "region": config.region}.items():
-        monkeypatch.setenv(SECRET_KEYS[key], value)
+def test_push_checks_uploads_and_prints_the_sha256(tmp_path, smollm2_dir, store_env, s3_bucket, capsys):
     path = write_jsonl(tmp_path / "train.jsonl", invoice_records(10))
     uri = f"s3://{s3_bucket.bucket}/data/train.jsonl"
     assert main(["datasets", "push", str(path), uri, "--tokenizer", str(smollm2_dir)]) == 0

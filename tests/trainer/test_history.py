@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,7 +15,7 @@ from kubetune.storage.location import LocalLocation, sha256_file
 from kubetune.storage.manifest import Manifest, read_manifest
 from kubetune_trainer.checkpoints import CheckpointStore
 from kubetune_trainer.history import history_rows, summary, write_tensorboard
-from tests.trainer.recipe_support import make_volume, run_spec, write_spec
+from tests.trainer.recipe_support import make_volume, run_spec, run_trainer, write_spec
 from tests.trainer.test_resume import _start, _wait_for
 
 STEPS, EVERY = 5, 2
@@ -41,9 +39,9 @@ def test_history_is_one_continuous_curve_across_a_kill_and_resume(tmp_path, smol
     first.wait(30)
     resumed_from = max(store.complete_steps())
     assert resumed_from < STEPS
-    assert subprocess.run([sys.executable, "-m", "kubetune_trainer.main", "--spec", str(spec)],
-                          stdout=open(log, "ab"), stderr=subprocess.STDOUT, timeout=600).returncode == EXIT_OK
-    assert f"resuming from pvc://runs/hist/checkpoints/checkpoint-{resumed_from}" in log.read_text()
+    resume_log = tmp_path / "resume.log"  # run_trainer truncates its log: attempt 1's stays in run.log
+    assert run_trainer(spec, resume_log) == EXIT_OK
+    assert f"resuming from pvc://runs/hist/checkpoints/checkpoint-{resumed_from}" in resume_log.read_text()
 
     manifest = read_manifest(out)
     listed = {f.path: f for f in manifest.files}

@@ -3,14 +3,13 @@ as the SFT readers' do; good ones, in either of TRL's layouts, come out as TRL's
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from kubetune.api.finetunejob import Dataset, Training
 from kubetune_trainer.pairs import CONVERSATIONAL, STANDARD
 from kubetune_trainer.preference import prepare_preferences
 from kubetune_trainer.records import DatasetError
+from tests.trainer.test_datasets import _lines, _write
 
 GOOD = {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
 USER = [{"role": "user", "content": "2+2="}]
@@ -18,13 +17,8 @@ CHAT = {"prompt": USER, "chosen": [{"role": "assistant", "content": "4"}],
         "rejected": [{"role": "assistant", "content": "5"}]}
 
 
-def _lines(*records) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
-
-
 def _prepare(tmp_path, name: str, content: str, tokenizer, **dataset):
-    path = tmp_path / name
-    path.write_text(content)
+    path = _write(tmp_path, name, content)
     training = Training(maxSeqLength=dataset.pop("max_len", 64))
     return prepare_preferences(path, f"pvc://data/{name}", Dataset(uri=f"pvc://data/{name}", **dataset), training,
                                tokenizer)

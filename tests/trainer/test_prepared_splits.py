@@ -3,10 +3,9 @@ report still reads as if the records were one table, and each split loads as a t
 
 from __future__ import annotations
 
-import json
-
-from kubetune.api.finetunejob import Dataset, Training
-from kubetune_trainer.data import prepare, split_indices
+from kubetune.api.finetunejob import Training
+from kubetune_trainer.data import split_indices
+from tests.trainer.test_datasets import _lines, _prepare, _write
 
 SHORT = {"prompt": "2+2=", "completion": "4"}
 LONG = {"prompt": "word " * 100, "completion": "x"}
@@ -14,10 +13,7 @@ LONG = {"prompt": "word " * 100, "completion": "x"}
 
 def test_report_reads_across_the_splits_in_record_order(tmp_path, tokenizer):
     records = [LONG if i % 3 == 0 else SHORT for i in range(24)]
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    data = prepare(path, "pvc://data/d.jsonl", Dataset(uri="pvc://data/d.jsonl", validationSplit=0.25),
-                   Training(maxSeqLength=64), tokenizer, cache_dir=tmp_path / "cache")
+    data = _prepare(_write(tmp_path, "d.jsonl", _lines(*records)), tokenizer, validationSplit=0.25)
     train_idx, val_idx = split_indices(24, 0.25, Training().seed)
     assert {records[i] is LONG for i in val_idx} == {True, False}  # the overlong ones fall in both splits
     assert data.report.truncated == data.report.no_loss_tokens == 8
