@@ -68,8 +68,6 @@ def _percentiles(lengths) -> dict[str, int]:
 
 def check(args) -> dict:
     """The report for a dataset; raises the trainer's DatasetError on bad data."""
-    import pyarrow.compute as pc
-
     from kubetune.api.finetunejob import Dataset, Training
 
     # field names, not aliases: the models populate by name, and mypy knows the names
@@ -77,34 +75,34 @@ def check(args) -> dict:
                            completion_only_loss=args.completion_only_loss)
     training = Training(max_seq_length=args.max_seq_length, seed=args.seed)
     path = Path(args.path)
-    if args.method == "dpo":
-        return _check_pairs(args, path, spec_dataset, training)
-    with tempfile.TemporaryDirectory(prefix="kubetune-check-") as scratch:
-        tokenizer = _tokenizer(args, Path(scratch))
-        from kubetune_trainer.data import prepare
-
-        data = prepare(path, str(path), spec_dataset, training, tokenizer, cache_dir=Path(scratch) / "cache")
-        lengths = pc.list_value_length(data.train.data.column("input_ids")).to_numpy()
-        report = data.report.to_dict()
-    return {"file": str(path), "sha256": report["sha256"], "format": report["format"], "records": report["records"],
-            "train": report["train"], "holdout": report["validation"], "rows": report["rows"],
-            "truncated": report["truncated"], "truncatedWhere": report["truncated_where"],
-            "tokenLengths": _percentiles(lengths), "maxSeqLength": args.max_seq_length}
-
-
-def _check_pairs(args, path: Path, spec_dataset, training) -> dict:
-    if args.format != "auto":
+    if args.method == "dpo" and args.format != "auto":
         raise ValueError("--method dpo reads prompt/chosen/rejected records: leave --format auto")
     with tempfile.TemporaryDirectory(prefix="kubetune-check-") as scratch:
         tokenizer = _tokenizer(args, Path(scratch))
-        from kubetune_trainer.preference import prepare_preferences
-
-        data = prepare_preferences(path, str(path), spec_dataset, training, tokenizer)
-    report = data.report
+        prepared = _prepare_pairs if args.method == "dpo" else _prepare_examples
+        report, lengths = prepared(path, spec_dataset, training, tokenizer, Path(scratch) / "cache")
     return {"file": str(path), "sha256": report.sha256, "format": report.format, "records": report.records,
             "train": report.train, "holdout": report.validation, "rows": report.rows,
-            "truncated": report.truncated, "truncatedWhere": report.truncated_where,
-            "tokenLengths": _percentiles(data.train_lengths), "maxSeqLength": args.max_seq_length}
+            "truncated": report.truncated, "truncatedWhere": report.truncated_where[:20],
+            "tokenLengths": _percentiles(lengths), "maxSeqLength": args.max_seq_length}
+
+
+def _prepare_examples(path: Path, spec_dataset, training, tokenizer, cache_dir: Path):
+    """The SFT data's report, and the token lengths of its training examples."""
+    import pyarrow.compute as pc
+
+    from kubetune_trainer.data import prepare
+
+    data = prepare(path, str(path), spec_dataset, training, tokenizer, cache_dir=cache_dir)
+    return data.report, pc.list_value_length(data.train.data.column("input_ids")).to_numpy()
+
+
+def _prepare_pairs(path: Path, spec_dataset, training, tokenizer, cache_dir: Path):
+    """The preference pairs' report, and the token lengths of each training pair's longer sequence."""
+    from kubetune_trainer.preference import prepare_preferences
+
+    data = prepare_preferences(path, str(path), spec_dataset, training, tokenizer)
+    return data.report, data.train_lengths
 
 
 def _print(report: dict, as_json: bool) -> None:

@@ -97,6 +97,23 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def split_for_training(n: int, name: str, dataset: Dataset, training: Training) -> tuple[list[int], list[int]]:
+    """The spec's hold-out split of n records; refuses one that leaves no record to train on."""
+    train_idx, val_idx = split_indices(n, dataset.validation_split, training.seed)
+    if not train_idx:
+        raise DatasetError(name, f"{n} record(s) leave nothing to train on after a "
+                           f"{dataset.validation_split} hold-out split")
+    return train_idx, val_idx
+
+
+def verified_digest(path: Path, name: str, dataset: Dataset) -> str:
+    """The data's sha256, checked against the spec's pin (dataset.sha256) where it has one."""
+    digest = sha256_of(path, name)
+    if dataset.sha256 and digest != dataset.sha256:
+        raise DatasetError(name, f"sha256 {digest} does not match the pinned {dataset.sha256}")
+    return digest
+
+
 def tokenize_spans(tokenizer, examples: list[list[Span]]) -> list[tuple[list[int], list[int]]]:
     """Token ids of each example's spans, each span tokenized on its own, and labels that keep the
     trainable ones.
@@ -231,10 +248,7 @@ def _build(path: Path, name: str, digest: str, dataset: Dataset, training: Train
         if isinstance(exc.__cause__, DatasetError):
             raise exc.__cause__ from None  # our reader's message, not the builder's wrapper
         raise
-    train_idx, val_idx = split_indices(len(raw), dataset.validation_split, training.seed)
-    if not train_idx:
-        raise DatasetError(name, f"{len(raw)} record(s) leave nothing to train on after a "
-                           f"{dataset.validation_split} hold-out split")
+    train_idx, val_idx = split_for_training(len(raw), name, dataset, training)
     tokenize = _Tokenize(tokenizer, name, fmt, dataset, training.max_seq_length)
     train_all = _tokenized(raw, train_idx, tokenize, work, "train")
     validation = _tokenized(raw, val_idx, tokenize, work, "validation")
@@ -279,10 +293,11 @@ def training_rows(train, max_len: int, packing: bool, *, numbered: bool = True, 
     else:
         rows = columns.map(lambda ids: {"seq_lengths": [[len(x)] for x in ids]}, input_columns="input_ids",
                            batched=True, **kwargs)
-    return _numbered(rows) if numbered else rows
+    return numbered_rows(rows) if numbered else rows
 
 
-def _numbered(rows):
+def numbered_rows(rows):
+    """rows with a `row` column of their numbers (for coverage counts)."""
     # A column of row numbers costs 8 bytes a row in memory; it is not worth a pass over the rows to store.
     import numpy as np
 
@@ -310,7 +325,7 @@ def _load(target: Path) -> PreparedData:
                                               for f in sorted(part.glob("*.arrow"))])
 
     parts = {p: load(target / p) for p in ("train", "validation", "rows")}
-    parts["rows"] = _numbered(parts["rows"])
+    parts["rows"] = numbered_rows(parts["rows"])
     return PreparedData(**parts, report=DataReport(**json.loads((target / "report.json").read_text())))
 
 
@@ -321,9 +336,7 @@ def prepare(path: Path, name: str, dataset: Dataset, training: Training, tokeniz
     cache_dir: the pod's cache (KUBETUNE_CACHE_DIR), which outlives the pod where it is a volume."""
     ranks = ranks or distributed.Ranks()
     cache_dir = cache_dir or Path(os.environ.get("KUBETUNE_CACHE_DIR", "/tmp/kubetune-cache")) / "datasets"
-    digest = sha256_of(path, name)
-    if dataset.sha256 and digest != dataset.sha256:
-        raise DatasetError(name, f"sha256 {digest} does not match the pinned {dataset.sha256}")
+    digest = verified_digest(path, name, dataset)
     target = cache_dir / "prepared" / cache_key(digest, tokenizer, dataset, training)
     failure = None
     if ranks.is_local_main and not (target / "report.json").is_file():

@@ -41,7 +41,7 @@ def build_dpo_trainer(base_model, spec: FineTuneJobSpec, data: PreparedPreferenc
                           "(resources.gpuMemoryGiB) or method qlora")
     dpo = spec.objective.dpo_settings()
     args = DPOConfig(**trainer_arguments(spec, plan, work_dir, on_gpu=next(base_model.parameters()).is_cuda),
-                     beta=dpo.beta, loss_type=[dpo.loss_type], per_device_eval_batch_size=EVAL_PAIRS_PER_BATCH)
+                     beta=dpo.beta, loss_type=[dpo.loss_type])
     counter = PairCounter(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length))
     callback = LoopCallback(counter=counter, **callback_kwargs)
     try:

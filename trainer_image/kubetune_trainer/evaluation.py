@@ -9,7 +9,7 @@ import math
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from kubetune_trainer.packing import Row, RowCollator, example_rows
+from kubetune_trainer.packing import RowCollator, example_rows
 
 
 @torch.no_grad()
@@ -24,8 +24,7 @@ def holdout_loss(model, examples, pad_id: int, batch_size: int = 8) -> dict[str,
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for part in examples.select_columns(["input_ids", "labels"]).iter(batch_size):
-        rows: list[Row | dict] = list(example_rows(part))  # the collator takes either kind of row
-        batch = collate(rows)
+        batch = collate(example_rows(part))
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch, use_cache=False).logits.float()

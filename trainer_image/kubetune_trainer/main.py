@@ -77,8 +77,8 @@ def run_spec(path: Path) -> int:
             return EXIT_PREEMPTED
         if ranks.is_main:  # the other workers of this pod share its termination log
             final = result.metrics.get("final", {})
-            keys = ("evalLoss", "exactMatch", "jsonValid") if "rewardAccuracy" not in final else (
-                "rewardAccuracy", "rewardMargin", "preferenceAccuracy")
+            keys = (("rewardAccuracy", "rewardMargin", "preferenceAccuracy") if runspec.spec.objective.type == "dpo"
+                    else ("evalLoss", "exactMatch", "jsonValid"))
             write_termination_message({"manifest": result.manifest_uri, "manifestSha256": result.manifest_sha256,
                                        "metrics": {k: final.get(k) for k in keys}})
         return EXIT_OK

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kubetune.api.finetunejob import Dataset, Training
-from kubetune_trainer.data import DataReport, sha256_of, split_indices
+from kubetune_trainer.data import DataReport, numbered_rows, split_for_training, verified_digest
 from kubetune_trainer.pairs import CONVERSATIONAL, FIELDS, read_pairs
 from kubetune_trainer.records import DatasetError
 
@@ -39,12 +39,12 @@ def rendered(tokenizer, pair: dict) -> tuple[str, str, str]:
 
 def pair_lengths(tokenizer, pairs) -> list[int]:
     """Tokens of each pair's longer sequence (prompt + chosen or prompt + rejected), as DPO trains on them."""
-    lengths = []
+    texts: list[str] = []
     for pair in pairs:
         prompt, chosen, rejected = rendered(tokenizer, pair)
-        ids = tokenizer([prompt + chosen, prompt + rejected], add_special_tokens=False)["input_ids"]
-        lengths.append(max(len(x) for x in ids))
-    return lengths
+        texts += (prompt + chosen, prompt + rejected)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [max(len(a), len(b)) for a, b in zip(ids[::2], ids[1::2], strict=True)]
 
 
 def prepare_preferences(path: Path, name: str, dataset: Dataset, training: Training, tokenizer) -> PreparedPreferences:
@@ -53,26 +53,21 @@ def prepare_preferences(path: Path, name: str, dataset: Dataset, training: Train
     tokenizes them with its own `map`."""
     import datasets
 
-    digest = sha256_of(path, name)
-    if dataset.sha256 and digest != dataset.sha256:
-        raise DatasetError(name, f"sha256 {digest} does not match the pinned {dataset.sha256}")
+    digest = verified_digest(path, name, dataset)
     layout, pairs = read_pairs(path, name)
     if layout == CONVERSATIONAL and not tokenizer.chat_template:
         raise DatasetError(name, "conversations need a tokenizer with a chat template")
-    train_idx, val_idx = split_indices(len(pairs), dataset.validation_split, training.seed)
-    if not train_idx:
-        raise DatasetError(name, f"{len(pairs)} record(s) leave nothing to train on after a "
-                           f"{dataset.validation_split} hold-out split")
+    train_idx, val_idx = split_for_training(len(pairs), name, dataset, training)
     lengths = pair_lengths(tokenizer, pairs)
-    truncated = [p["where"] for p, n in zip(pairs, lengths, strict=True) if n > training.max_seq_length]
-    if truncated and dataset.on_overlong == "refuse":
-        first = next(i for i, n in enumerate(lengths) if n > training.max_seq_length)
+    overlong = [i for i, n in enumerate(lengths) if n > training.max_seq_length]
+    if overlong and dataset.on_overlong == "refuse":
+        first = overlong[0]
         raise DatasetError(name, f"{lengths[first]} tokens exceed maxSeqLength {training.max_seq_length} "
                            "(onOverlong: refuse)", pairs[first]["where"])
-    report = DataReport(name, digest, layout, len(pairs), len(train_idx), len(val_idx), truncated=len(truncated),
-                        truncated_where=truncated[:20], tokens=sum(lengths[i] for i in train_idx),
-                        rows=len(train_idx))
+    report = DataReport(name, digest, layout, len(pairs), len(train_idx), len(val_idx), truncated=len(overlong),
+                        truncated_where=[pairs[i]["where"] for i in overlong[:20]],
+                        tokens=sum(lengths[i] for i in train_idx), rows=len(train_idx))
     table = datasets.Dataset.from_list(pairs)
     train = table.select(train_idx)
-    return PreparedPreferences(train.add_column("row", list(range(len(train)))), table.select(val_idx), report,
+    return PreparedPreferences(numbered_rows(train), table.select(val_idx), report,
                                [lengths[i] for i in train_idx])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +67,11 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
+    """The installed versions of these distributions (LIBRARIES: what a run's manifest records);
+    one that is not installed is left out."""
     versions = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -207,7 +210,7 @@ class FineTuneRecipe:
         rows = history_rows(trainer.state.log_history, final.get("evalLoss"))
         write_history(final_dir / HISTORY_FILE, rows)  # published with the run, listed in its manifest
         write_tensorboard(rows, final_dir)
-        train_metrics |= summary(rows, data.report.to_dict().get("tokens"))
+        train_metrics |= summary(rows, data.report.tokens)
         self.reporter.report(ProgressReport("publishing", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss")), force=True)
         published = self._publish(output, final_dir, tokenizer, source, data, placement,
