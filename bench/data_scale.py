@@ -10,7 +10,6 @@ an output of a few dozen to a few hundred words.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -73,6 +72,12 @@ class MemorySampler(threading.Thread):
         return {k: round(v / 2**20, 3) for k, v in sorted(self.peaks.items())}
 
 
+def _library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    from kubetune_trainer.recipe import library_versions
+
+    return library_versions(names)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
@@ -108,8 +113,8 @@ def main() -> int:
             "peakRssGiB": peak_rss_gib(), "peakMemoryGiB": {"preparing": peak_preparing, "overall": sampler.gib()},
             "report": data.report.to_dict(), "packedRows": len(cached.rows),
             "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "versions": {name: importlib.metadata.version(name)
-                         for name in ("datasets", "pyarrow", "trl", "transformers", "tokenizers")},
+            # Imported here, after the memory was read: the recipe module imports torch and TRL.
+            "versions": _library_versions(("datasets", "pyarrow", "trl", "transformers", "tokenizers")),
             "command": " ".join(sys.argv),
         }
     print(json.dumps(result, indent=2))

@@ -15,7 +15,6 @@ Prints one JSON line: completion tokens/s (chosen + rejected, what DPO trains on
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import sys
@@ -37,6 +36,7 @@ from kubetune_trainer.data import DataReport  # noqa: E402
 from kubetune_trainer.dpo import build_dpo_trainer  # noqa: E402
 from kubetune_trainer.modeling import Placement, load_base, load_tokenizer  # noqa: E402
 from kubetune_trainer.preference import PreparedPreferences  # noqa: E402
+from kubetune_trainer.recipe import library_versions  # noqa: E402
 from kubetune_trainer.training import plan_batches  # noqa: E402
 
 MAX_SEQ = 1024
@@ -159,7 +159,7 @@ def main() -> None:
         "planned_gib": round(plan.estimate.total_gib, 2) if plan.estimate else None,
         "wall_s": round(time.perf_counter() - started, 1),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "versions": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "peft", "trl", "datasets")},
+        "versions": library_versions(("torch", "transformers", "peft", "trl", "datasets")),
     }), flush=True)
 
 

@@ -24,7 +24,6 @@ cases start side by side, so they do not build the same directory at once).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -42,6 +41,7 @@ from trainer_bench import loop_without_side_effects, shared_model_dir  # noqa: E
 from kubetune_trainer import distributed  # noqa: E402
 from kubetune_trainer.data import training_rows  # noqa: E402
 from kubetune_trainer.modeling import load_tokenizer  # noqa: E402
+from kubetune_trainer.recipe import library_versions  # noqa: E402
 from kubetune_trainer.samples import invoice_records  # noqa: E402
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -198,13 +198,9 @@ def main() -> None:
 
 
 def _versions() -> dict:
-    out = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "liger-kernel"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    """Each library's version, None where it is not installed."""
+    names = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "liger-kernel")
+    return {**dict.fromkeys(names), **library_versions(names)}
 
 
 if __name__ == "__main__":
