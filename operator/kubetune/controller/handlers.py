@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import logging
@@ -13,6 +12,7 @@ import kopf
 from kubetune.api import GROUP, VERSION
 from kubetune.controller import metrics
 from kubetune.controller.adapters import adapter_path, delete_artifacts, recheck_adapter, reconcile_adapter
+from kubetune.controller.admission import Locks, NamespaceAdmission, SeenJob, Turn, seen_job, waiting_for_capacity
 from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
 from kubetune.controller.kube import TRANSIENT_STATUS, ApiError, KubeClient, KubeConfig
 from kubetune.controller.merging import LABEL_ADAPTER_OWNER
@@ -45,7 +45,26 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     memo.settings = OperatorSettings.from_env()
     if memo.settings.metrics_port:
         metrics.serve(memo.settings.metrics_port)
-    memo.locks = collections.defaultdict(asyncio.Lock)
+    memo.locks = Locks()
+    memo.admission = collections.defaultdict(NamespaceAdmission)
+
+
+@kopf.index("batch", "v1", "jobs", labels=OURS)
+def kubetune_jobs(namespace: str | None, labels, status, **_) -> dict[str | None, SeenJob]:
+    return {namespace: seen_job(labels or {}, status, LABEL_JOB)}
+
+
+@kopf.index(GROUP, VERSION, "finetunejobs", when=lambda status, **_: (status or {}).get("phase") == "Queued")
+def queued_finetunejobs(namespace: str | None, name: str, meta, **_) -> dict[str | None, tuple[str, str]]:
+    return {namespace: (meta.get("creationTimestamp") or "", name)}
+
+
+def _turn(namespace: str, memo: kopf.Memo, indexes: dict) -> Turn:
+    """Kopf passes every index to every handler as a keyword named after its function; Kopf's handler
+    protocols do not declare them, so they are taken from the handlers' **kwargs."""
+    jobs: kopf.Index = indexes["kubetune_jobs"]
+    waiting: kopf.Index = indexes["queued_finetunejobs"]
+    return Turn(memo.admission[namespace], jobs.get(namespace, ()), waiting.get(namespace, ()))
 
 
 @contextlib.contextmanager
@@ -61,7 +80,7 @@ def _transient_api_errors():
         raise
 
 
-async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
+async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo, turn: Turn) -> None:
     """One reconcile at a time per FineTuneJob, always on a fresh read: events about the job, its
     Job and its pods arrive concurrently, and a reconcile working from an older copy must not
     overwrite what a newer one recorded."""
@@ -70,7 +89,7 @@ async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo) -> None:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         with metrics.reconciling("FineTuneJob"), _transient_api_errors():
-            await reconcile(memo.client, memo.settings, body, memo.locks["admission", namespace])
+            await reconcile(memo.client, memo.settings, body, turn)
 
 
 @kopf.on.cleanup()
@@ -81,17 +100,22 @@ async def shutdown(memo: kopf.Memo, **_) -> None:
 @kopf.on.resume(GROUP, VERSION, "finetunejobs")
 @kopf.on.create(GROUP, VERSION, "finetunejobs")
 @kopf.on.update(GROUP, VERSION, "finetunejobs", field="spec")
-async def finetunejob_changed(namespace: str | None, name: str, memo: kopf.Memo, **_) -> None:
+async def finetunejob_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs) -> None:
     assert namespace is not None  # kopf's type covers cluster-scoped kinds; ours are namespaced
-    await _reconcile_latest(namespace, name, memo)
+    await _reconcile_latest(namespace, name, memo, _turn(namespace, memo, kwargs))
 
 
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=5, idle=2,
             when=lambda status, **_: (status or {}).get("phase") == "Queued")
-async def finetunejob_waiting(namespace: str | None, name: str, memo: kopf.Memo, **_) -> None:
+async def finetunejob_waiting(namespace: str | None, name: str, meta, status, memo: kopf.Memo, **kwargs) -> None:
     assert namespace is not None
-    # Re-checked until capacity frees up; reconcile admits waiting jobs in creation order.
-    await _reconcile_latest(namespace, name, memo)
+    # Re-checked until capacity frees up; reconcile admits waiting jobs in creation order. While the
+    # indexes say its turn has not come, nothing is read or written.
+    turn = _turn(namespace, memo, kwargs)
+    limit = memo.settings.max_running_per_namespace
+    if limit and waiting_for_capacity(status) and turn.ahead(name, meta.get("creationTimestamp") or "") >= limit:
+        return
+    await _reconcile_latest(namespace, name, memo, turn)
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
@@ -99,23 +123,23 @@ async def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_) -> None:
     await clean_up(memo.client, dict(body))
 
 
-async def _owner_changed(labels, namespace: str, memo: kopf.Memo) -> None:
+async def _owner_changed(labels, namespace: str, memo: kopf.Memo, turn: Turn) -> None:
     """A Job or pod of ours changed: reconcile the FineTuneJob or LoraAdapter it works for."""
     labels = labels or {}
     if labels.get(LABEL_JOB):
-        await _reconcile_latest(namespace, labels[LABEL_JOB], memo)
+        await _reconcile_latest(namespace, labels[LABEL_JOB], memo, turn)
     elif labels.get(LABEL_ADAPTER_OWNER):
         await _adapter_latest(namespace, labels[LABEL_ADAPTER_OWNER], memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS)
-async def job_event(labels, namespace, memo: kopf.Memo, **_) -> None:
-    await _owner_changed(labels, namespace, memo)
+async def job_event(labels, namespace, memo: kopf.Memo, **kwargs) -> None:
+    await _owner_changed(labels, namespace, memo, _turn(namespace, memo, kwargs))
 
 
 @kopf.on.event("", "v1", "pods", labels=OURS)
-async def pod_event(labels, namespace, memo: kopf.Memo, **_) -> None:
-    await _owner_changed(labels, namespace, memo)
+async def pod_event(labels, namespace, memo: kopf.Memo, **kwargs) -> None:
+    await _owner_changed(labels, namespace, memo, _turn(namespace, memo, kwargs))
 
 
 

@@ -3,7 +3,6 @@ record what was observed. Idempotent: running it twice, or after a restart, chan
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import replace
 from typing import Any
@@ -15,6 +14,7 @@ from kubetune.api.finetunejob import IMMUTABLE_AFTER_START, FineTuneJobSpec, cha
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.validation import validate_object
 from kubetune.controller import metrics
+from kubetune.controller.admission import WAITING_REASON, Turn
 from kubetune.controller.jobs import (
     KUEUE_API,
     KUEUE_JOB_UID_LABEL,
@@ -68,19 +68,6 @@ async def write_status(client: KubeClient, body: dict, patch: dict[str, Any]) ->
     metrics.status_recorded(body, patch)
 
 
-async def _ahead_of(client: KubeClient, namespace: str, name: str, created: str) -> int:
-    """Jobs that hold or come before this one's turn: unfinished Jobs of other FineTuneJobs, and
-    FineTuneJobs still waiting that were created earlier."""
-    jobs = await client.list(path_for("batch/v1", "jobs", namespace), {"app.kubernetes.io/managed-by": "kubetune"})
-    running = sum(1 for j in jobs if (j["metadata"].get("labels") or {}).get(LABEL_JOB) != name
-                  and not any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
-                              for c in (j.get("status") or {}).get("conditions") or []))
-    waiting = await client.list(path_for(API_VERSION, FTJ_PLURAL, namespace))
-    earlier = sum(1 for f in waiting if (f.get("status") or {}).get("phase") == "Queued"
-                  and (f["metadata"].get("creationTimestamp") or "", f["metadata"]["name"]) < (created, name))
-    return running + earlier
-
-
 def _job_ran(job: dict | None) -> bool:
     """The Job controller counted a finished pod: even if that pod is gone, a pod ran."""
     status = (job or {}).get("status") or {}
@@ -126,9 +113,9 @@ async def _apply_configmap(client: KubeClient, collection: str, desired: dict) -
         await client.patch(f"{collection}/{desired['metadata']['name']}", {"data": desired["data"]})
 
 
-async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, admission: asyncio.Lock) -> None:
-    """One pass. `admission` is the namespace's lock: the running-jobs check and the Job's creation
-    must not interleave with another job's, or the limit is exceeded."""
+async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, turn: Turn) -> None:
+    """One pass. `turn` holds the namespace's admission lock: the running-jobs check and the Job's
+    creation must not interleave with another job's, or the limit is exceeded."""
     meta, status = body["metadata"], dict(body.get("status") or {})
     namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation")
     now = now_rfc3339()
@@ -173,10 +160,10 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, 
     if job is None:
         if not await _planned(client, settings, body, ftj, status):
             return
-        async with admission:
+        async with turn.state.lock:
             limit = settings.max_running_per_namespace
-            if limit and await _ahead_of(client, namespace, name, meta.get("creationTimestamp") or "") >= limit:
-                await record(client, body, status, Observation("Queued", "WaitingForCapacity",
+            if limit and turn.ahead(name, meta.get("creationTimestamp") or "") >= limit:
+                await record(client, body, status, Observation("Queued", WAITING_REASON,
                                                                f"{limit} job(s) already run in {namespace}"),
                              generation)
                 return
@@ -184,6 +171,7 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, 
             if multi_node(ftj):
                 await create_or_adopt(client, path_for("v1", "services", namespace), build_rendezvous_service(ftj))
             job, created = await create_or_adopt(client, jobs_path, build_job(ftj, settings))
+            turn.state.admitted.add(name)
         if created:
             kopf.info(body, reason="JobCreated", message=f"created Job {job_name(ftj)}")
     elif not ftj.spec.queue_name and bool((job.get("spec") or {}).get("suspend")) != ftj.spec.suspend:

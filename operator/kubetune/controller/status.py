@@ -8,6 +8,7 @@ and Argo CD health read them directly.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -79,6 +80,12 @@ def _job_condition(job: dict, type_: str) -> dict | None:
         if cond.get("type") == type_ and cond.get("status") == "True":
             return cond
     return None
+
+
+def job_finished(job_status: Mapping[str, Any] | None) -> bool:
+    """A batch/v1 Job status with a true Complete or Failed condition."""
+    return any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+               for c in (job_status or {}).get("conditions") or [])
 
 
 def termination(pod: dict) -> tuple[int | None, str | None, dict]:
