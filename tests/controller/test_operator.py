@@ -229,14 +229,13 @@ async def test_restart_in_every_phase_adopts_and_never_duplicates(cluster, phase
                                                                               "message": "line 3: not JSON"}})
             await job_status(cluster, Failed="True")
         await eventually(lambda: status(cluster).get("phase") == phase, what=phase)
-    # A new operator starts and resumes the FineTuneJob: it reads the Job that exists and adopts it.
+    # A new operator starts and resumes the FineTuneJob: its indexes hold the Job that exists, so the
+    # reconcile reads the Job's run spec (only done when a Job exists) instead of creating anything.
     mark = len(list(cluster))
     async with running_operator():
-        await eventually(lambda: any(r.method.name == "GET" and r.name == "job-train"
-                                   for r in list(cluster)[mark:]), what="the resumed reconcile")
-        # Then it lists the pods to observe them: past the point where it would have created anything.
-        await eventually(lambda: any(r.method.name == "GET" and r.resource is not None and r.resource.plural == "pods"
-                                   and r.name is None for r in list(cluster)[mark:]), what="the pods observed")
+        await eventually(lambda: any(r.method.name == "GET" and r.resource is not None
+                                     and r.resource.plural == "configmaps" and r.name == "job-spec"
+                                     for r in list(cluster)[mark:]), what="the resumed reconcile adopting the Job")
         assert status(cluster)["phase"] == phase
     creates = [r for r in cluster if r.method.name == "POST" and r.resource is not None
                and r.resource.plural == "jobs"]
@@ -367,6 +366,34 @@ def adapter_doc(bucket: str, name: str = "invoices-v1", **spec):
                      "artifact": {"uri": f"s3://{bucket}/run"}, "storage": {"secretRef": {"name": "s3"}}, **spec}}
 
 
+def _finished(job: dict) -> bool:
+    return any(c.get("status") == "True" for c in (job.get("status") or {}).get("conditions") or [])
+
+
+async def run_verify_job(kmock, s3_server, adapter: str = "invoices-v1") -> dict:
+    """Play the Job controller and the kubelet for the adapter's verification Job: the trainer image's
+    own verify-job code runs on the spec the operator wrote, and its report becomes the pod's
+    termination message. The report."""
+    from kubetune_trainer.verify_job import VerifySpec, run_verify
+
+    job = await eventually(lambda: next((j for n, j in objects_of(kmock, "batch/v1/jobs").items()
+                                         if n.startswith(f"{adapter}-verify-") and not _finished(j)), None),
+                           timeout=20, what="the verification Job")
+    name = job["metadata"]["name"]
+    assert job["metadata"]["ownerReferences"][0]["name"] == adapter
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][0] == "verify-job"
+    spec = VerifySpec.model_validate_json(obj(kmock, "v1/configmaps", name)["data"]["runspec.json"])
+    report = await asyncio.to_thread(run_verify, spec, s3_server.config)
+    path = f"/api/v1/namespaces/{NS}/pods"
+    await kmock.post(path, json={"metadata": {"name": f"{name}-p", "namespace": NS, "labels": {
+        **job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name}}})
+    await kmock.patch(f"{path}/{name}-p/status", json={"status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "trainer", "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                                                     "message": json.dumps(report)}}}]}})
+    await job_status(kmock, name, Complete="True")
+    return report
+
+
 def adapter_status(kmock, name="invoices-v1"):
     return (obj(kmock, ADAPTERS, name) or {}).get("status") or {}
 
@@ -384,7 +411,10 @@ async def test_adapter_is_verified_promoted_through_its_gate_and_labelled(cluste
             "uri": f"s3://{s3_bucket.bucket}/run", "manifestSha256": digest},
             stage="production", evaluationGate=[{"metric": "evalLoss", "max": 0.25}]))
         await eventually(lambda: adapter_status(cluster).get("phase") == "Ready", timeout=20, what="Ready")
-        assert adapter_condition(cluster, "Verified")["status"] == "True"
+        # Ready on the operator's listing check; the content is the verification Job's to hash.
+        verified = adapter_condition(cluster, "Verified")
+        assert (verified["status"], verified["reason"]) == ("True", "ListingVerified")
+        assert "sha256 and every file's size match" in verified["message"]
         status = adapter_status(cluster)
         assert status["metrics"] == {"evalLoss": 0.4, "exactMatch": 1.0, "train.steps": 30.0}
         assert status["lineage"]["datasetSha256"] == "d" * 64 and "--enable-lora" in status["serving"]["vllm"]
@@ -397,29 +427,46 @@ async def test_adapter_is_verified_promoted_through_its_gate_and_labelled(cluste
             "kubetune.dev/adapter": "invoices", "kubetune.dev/stage": "candidate"}
         await cluster.patch(f"{adapters}/invoices-v1", json={"spec": {"evaluationGate": [
             {"metric": "evalLoss", "max": 0.5}]}})
+        # The gate passes, yet production waits for the content to be hashed.
+        await eventually(lambda: adapter_condition(cluster, "Promoted").get("reason") == "ContentNotVerified",
+                         what="production waiting for the content check")
+        assert adapter_status(cluster)["stage"] == "candidate"
+        report = await run_verify_job(cluster, s3_server)
+        assert report["problems"] == "" and report["files"] == 2
         await eventually(lambda: adapter_status(cluster).get("stage") == "production", what="promoted")
+        verified = adapter_condition(cluster, "Verified")
+        assert (verified["status"], verified["reason"]) == ("True", "ContentVerified")
         assert adapter_condition(cluster, "Promoted")["status"] == "True"
         await eventually(lambda: obj(cluster, ADAPTERS, "invoices-v1")["metadata"]["labels"]["kubetune.dev/stage"]
                        == "production", what="production label")
+        # One verification Job for one artifact state, whatever the reconciles since.
+        assert sum(n.startswith("invoices-v1-verify-") for n in objects_of(cluster, "batch/v1/jobs")) == 1
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "resized"])
 async def test_damaged_artifact_is_not_verified_and_names_the_file(cluster, s3_bucket, s3_server, tmp_path, damage):
     published_run(tmp_path, s3_bucket.child("run"), eval_loss=0.4)
     key = "run/adapter/adapter_model.safetensors"
     if damage == "corrupt":  # same size, different bytes: only the sha256 can tell
         s3_bucket.put_bytes(key, bytes(reversed(range(256))) * 64)
+    elif damage == "resized":
+        s3_bucket.put_bytes(key, bytes(range(256)) * 63)
     else:
         s3_bucket.client.remove_object(s3_bucket.bucket, key)
+    before = {o.rel for o in s3_bucket.list()}
     await cluster.post(f"/api/v1/namespaces/{NS}/secrets", json=secret_doc(s3_server.config))
     async with running_operator():
         await cluster.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/loraadapters", json=adapter_doc(s3_bucket.bucket))
+        if damage == "corrupt":  # the listing cannot tell: the verification Job's hashing does
+            await run_verify_job(cluster, s3_server)
         await eventually(lambda: adapter_status(cluster).get("phase") == "Failed", timeout=20, what="Failed")
     verified = adapter_condition(cluster, "Verified")
     assert (verified["status"], verified["reason"]) == ("False", "ChecksumMismatch")
-    expected = "sha256 mismatch" if damage == "corrupt" else "missing"
+    expected = {"corrupt": "sha256 mismatch", "missing": "missing", "resized": "size 16128 != 16384"}[damage]
     assert f"adapter/adapter_model.safetensors: {expected}" in verified["message"]
     assert adapter_condition(cluster, "Ready")["status"] == "False"
+    assert ({n for n in objects_of(cluster, "batch/v1/jobs") if "-verify-" in n} != set()) == (damage == "corrupt")
+    assert {o.rel for o in s3_bucket.list()} == before  # a failed verification deletes nothing
 
 
 @pytest.mark.parametrize("policy", ["Retain", "Delete"])

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import logging
 import sys
+from typing import Any
 
 import kopf
 
@@ -16,7 +17,7 @@ from kubetune.controller.admission import Locks, NamespaceAdmission, SeenJob, Tu
 from kubetune.controller.jobs import LABEL_JOB, LABEL_MANAGED, MANAGER
 from kubetune.controller.kube import TRANSIENT_STATUS, ApiError, KubeClient, KubeConfig
 from kubetune.controller.merging import LABEL_ADAPTER_OWNER
-from kubetune.controller.reconcile import clean_up, ftj_path, reconcile
+from kubetune.controller.reconcile import Children, clean_up, ftj_path, reconcile
 from kubetune.controller.settings import OperatorSettings
 
 OURS = {LABEL_MANAGED: MANAGER}
@@ -59,12 +60,33 @@ def queued_finetunejobs(namespace: str | None, name: str, meta, **_) -> dict[str
     return {namespace: (meta.get("creationTimestamp") or "", name)}
 
 
+# A FineTuneJob's own Job and pods, so that a reconcile (one per progress report a trainer writes)
+# reads them from memory instead of the API server.
+RUNS_FOR_A_JOB: dict[str, Any] = {**OURS, LABEL_JOB: kopf.PRESENT}
+
+
+@kopf.index("batch", "v1", "jobs", labels=RUNS_FOR_A_JOB)
+def jobs_by_owner(namespace: str | None, labels, body, **_) -> dict[tuple[str | None, str], dict]:
+    return {(namespace, labels[LABEL_JOB]): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels=RUNS_FOR_A_JOB)
+def pods_by_owner(namespace: str | None, labels, body, **_) -> dict[tuple[str | None, str], dict]:
+    return {(namespace, labels[LABEL_JOB]): dict(body)}
+
+
 def _turn(namespace: str, memo: kopf.Memo, indexes: dict) -> Turn:
     """Kopf passes every index to every handler as a keyword named after its function; Kopf's handler
     protocols do not declare them, so they are taken from the handlers' **kwargs."""
     jobs: kopf.Index = indexes["kubetune_jobs"]
     waiting: kopf.Index = indexes["queued_finetunejobs"]
     return Turn(memo.admission[namespace], jobs.get(namespace, ()), waiting.get(namespace, ()))
+
+
+def _children(namespace: str, name: str, indexes: dict) -> Children:
+    jobs: kopf.Index = indexes["jobs_by_owner"]
+    pods: kopf.Index = indexes["pods_by_owner"]
+    return Children(next(iter(jobs.get((namespace, name), ())), None), list(pods.get((namespace, name), ())))
 
 
 @contextlib.contextmanager
@@ -80,16 +102,19 @@ def _transient_api_errors():
         raise
 
 
-async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo, turn: Turn) -> None:
-    """One reconcile at a time per FineTuneJob, always on a fresh read: events about the job, its
-    Job and its pods arrive concurrently, and a reconcile working from an older copy must not
-    overwrite what a newer one recorded."""
+async def _reconcile_latest(namespace: str, name: str, memo: kopf.Memo, indexes: dict,
+                            turn: Turn | None = None) -> None:
+    """One reconcile at a time per FineTuneJob, always on a fresh read of the FineTuneJob: events
+    about the job, its Job and its pods arrive concurrently, and a reconcile working from an older
+    copy must not overwrite what a newer one recorded. Its Job and pods come from the indexes, read
+    under the lock."""
     async with memo.locks[namespace, name]:
         body = await memo.client.get(ftj_path(namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         with metrics.reconciling("FineTuneJob"), _transient_api_errors():
-            await reconcile(memo.client, memo.settings, body, turn)
+            await reconcile(memo.client, memo.settings, body, turn or _turn(namespace, memo, indexes),
+                            _children(namespace, name, indexes))
 
 
 @kopf.on.cleanup()
@@ -102,7 +127,7 @@ async def shutdown(memo: kopf.Memo, **_) -> None:
 @kopf.on.update(GROUP, VERSION, "finetunejobs", field="spec")
 async def finetunejob_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs) -> None:
     assert namespace is not None  # kopf's type covers cluster-scoped kinds; ours are namespaced
-    await _reconcile_latest(namespace, name, memo, _turn(namespace, memo, kwargs))
+    await _reconcile_latest(namespace, name, memo, kwargs)
 
 
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=5, idle=2,
@@ -115,7 +140,7 @@ async def finetunejob_waiting(namespace: str | None, name: str, meta, status, me
     limit = memo.settings.max_running_per_namespace
     if limit and waiting_for_capacity(status) and turn.ahead(name, meta.get("creationTimestamp") or "") >= limit:
         return
-    await _reconcile_latest(namespace, name, memo, turn)
+    await _reconcile_latest(namespace, name, memo, kwargs, turn)
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
@@ -123,23 +148,23 @@ async def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_) -> None:
     await clean_up(memo.client, dict(body))
 
 
-async def _owner_changed(labels, namespace: str, memo: kopf.Memo, turn: Turn) -> None:
+async def _owner_changed(labels, namespace: str, memo: kopf.Memo, indexes: dict) -> None:
     """A Job or pod of ours changed: reconcile the FineTuneJob or LoraAdapter it works for."""
     labels = labels or {}
     if labels.get(LABEL_JOB):
-        await _reconcile_latest(namespace, labels[LABEL_JOB], memo, turn)
+        await _reconcile_latest(namespace, labels[LABEL_JOB], memo, indexes)
     elif labels.get(LABEL_ADAPTER_OWNER):
         await _adapter_latest(namespace, labels[LABEL_ADAPTER_OWNER], memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS)
 async def job_event(labels, namespace, memo: kopf.Memo, **kwargs) -> None:
-    await _owner_changed(labels, namespace, memo, _turn(namespace, memo, kwargs))
+    await _owner_changed(labels, namespace, memo, kwargs)
 
 
 @kopf.on.event("", "v1", "pods", labels=OURS)
 async def pod_event(labels, namespace, memo: kopf.Memo, **kwargs) -> None:
-    await _owner_changed(labels, namespace, memo, _turn(namespace, memo, kwargs))
+    await _owner_changed(labels, namespace, memo, kwargs)
 
 
 

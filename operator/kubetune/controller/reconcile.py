@@ -4,7 +4,7 @@ record what was observed. Idempotent: running it twice, or after a restart, chan
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import kopf
@@ -113,7 +113,15 @@ async def _apply_configmap(client: KubeClient, collection: str, desired: dict) -
         await client.patch(f"{collection}/{desired['metadata']['name']}", {"data": desired["data"]})
 
 
-async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, turn: Turn) -> None:
+@dataclass(frozen=True)
+class Children:
+    """A FineTuneJob's Job and pods as the operator's watches last saw them (Kopf's indexes)."""
+    job: dict | None
+    pods: list[dict]
+
+
+async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, turn: Turn,
+                    children: Children) -> None:
     """One pass. `turn` holds the namespace's admission lock: the running-jobs check and the Job's
     creation must not interleave with another job's, or the limit is exceeded."""
     meta, status = body["metadata"], dict(body.get("status") or {})
@@ -131,8 +139,8 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, 
         return
     ftj: FineTuneJob = resource  # type: ignore[assignment]
     cm_path, jobs_path = path_for("v1", "configmaps", namespace), path_for("batch/v1", "jobs", namespace)
-    job = await client.get(f"{jobs_path}/{job_name(ftj)}")
-    pods = await client.list(path_for("v1", "pods", namespace), {LABEL_JOB: name}) if job else []
+    job = children.job
+    pods = children.pods if job else []
     started = bool(status.get("startTime")) or count_pods(Counters(), pods).attempts > 0 or _job_ran(job)
     running_spec = await client.get(f"{cm_path}/{configmap_name(ftj)}") if job else None
     validated = ("True", "Valid", "")
