@@ -41,6 +41,7 @@ from kubetune.controller.status import (
     broken_group,
     cancellation,
     count_pods,
+    job_finished,
     join_problems,
     merge_patch_changes,
     observe,
@@ -141,6 +142,10 @@ async def reconcile(client: KubeClient, settings: OperatorSettings, body: dict, 
     cm_path, jobs_path = path_for("v1", "configmaps", namespace), path_for("batch/v1", "jobs", namespace)
     job = children.job
     pods = children.pods if job else []
+    if job is not None and job_finished(job.get("status")):
+        # Jobs and pods arrive on separate watch streams: a Job seen finished can be ahead of its pods'
+        # last state, whose termination message holds the run's result. Read them fresh, once a run.
+        pods = await client.list(path_for("v1", "pods", namespace), {LABEL_JOB: name})
     started = bool(status.get("startTime")) or count_pods(Counters(), pods).attempts > 0 or _job_ran(job)
     running_spec = await client.get(f"{cm_path}/{configmap_name(ftj)}") if job else None
     validated = ("True", "Valid", "")
