@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--namespace", "-n", default="default")
     listing.add_argument("--production", action="store_true", help="only the version in production")
     listing.set_defaults(run=_cmd_adapters_list)
+    from kubetune.serving.cli import register as register_serving
+    register_serving(adapters)
 
     api = sub.add_parser("api", help="serve the OpenAI fine-tuning API (/v1/files, /v1/fine_tuning/jobs) "
                                      "on top of FineTuneJobs")

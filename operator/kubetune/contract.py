@@ -19,3 +19,8 @@ HISTORY_FILE = "history.jsonl"
 # Multi-node runs: torchrun's rendezvous on pod 0 of the Indexed Job, through the headless Service.
 RENDEZVOUS_HOST_ENV = "KUBETUNE_RENDEZVOUS_HOST"
 RENDEZVOUS_PORT = 29500
+
+# spec.tracking.mlflow.secretRef: the Secret's keys, each given to the trainer as the environment
+# variable of the same name, which MLflow's client reads itself. A token, or a username and password.
+MLFLOW_TOKEN_KEY = "MLFLOW_TRACKING_TOKEN"
+MLFLOW_BASIC_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")

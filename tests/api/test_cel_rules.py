@@ -49,6 +49,8 @@ RULE_DOCS = [d for _, d in example_docs()] + [minimal_job(**p) for _, p, _, _ in
     minimal_job(method="qlora"), minimal_job(method="qlora", quantization={"bits": 4}),
     minimal_job(baseModel={"uri": "hf://org/m"}, allowHubDownloads=True),
     minimal_job(queueName="q", workloadPriorityClassName="low"),
+    minimal_job(evaluation={"exactMatch": True}, dataset={"validationUri": "s3://data/val.jsonl", "validationSplit": 0},
+                storage={"secretRef": {"name": "minio"}}),
     patched(minimal_job(), {"metadata": {"name": "a" * 64}}), patched(ADAPTER, {"metadata": {"name": "a" * 64}}),
 ]
 

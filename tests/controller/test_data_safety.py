@@ -13,7 +13,8 @@ from kubetune.local.apiserver import ApiServer
 from kubetune.storage.manifest import Manifest, describe_dir, publish
 from tests.controller.test_operator import (ADAPTERS, FTJ, NS, _events, adapter_condition, adapter_doc,
                                             adapter_status, apply, condition, job_doc, job_status, obj,
-                                            objects_of, pod, published_run, running_operator, secret_doc, status)
+                                            objects_of, pod, published_run, run_verify_job, running_operator,
+                                            secret_doc, status)
 from tests.support import eventually
 
 pytestmark = pytest.mark.kmock(cls=ApiServer)
@@ -207,6 +208,7 @@ async def _production_adapter(cluster, s3_bucket, s3_server, tmp_path) -> None:
     await _with_secret(cluster, s3_server)
     await cluster.post(ADAPTERS_PATH, json=adapter_doc(s3_bucket.bucket, stage="production",
                                                        evaluationGate=[{"metric": "evalLoss", "max": 0.5}]))
+    await run_verify_job(cluster, s3_server)
     await eventually(lambda: adapter_status(cluster).get("stage") == "production"
                      and (obj(cluster, ADAPTERS, "invoices-v1")["metadata"].get("labels") or {})
                      .get("kubetune.dev/stage") == "production", timeout=20, what="production")
@@ -218,7 +220,11 @@ async def test_a_tampered_production_adapter_is_noticed_and_demoted(cluster, s3_
     async with running_operator():
         await _production_adapter(cluster, s3_bucket, s3_server, tmp_path)
         s3_bucket.put_bytes("run/adapter/adapter_model.safetensors", bytes(reversed(range(256))) * 64)
-        await eventually(lambda: adapter_status(cluster).get("phase") == "Failed", timeout=30, what="noticed")
+        # The new listing (same sizes, another ETag) is not what was hashed: out of production at once,
+        # and a verification Job for the new objects.
+        await eventually(lambda: adapter_status(cluster).get("stage") == "candidate", timeout=30, what="noticed")
+        await run_verify_job(cluster, s3_server)
+        await eventually(lambda: adapter_status(cluster).get("phase") == "Failed", timeout=30, what="mismatch")
         verified = adapter_condition(cluster, "Verified")
         assert (verified["status"], verified["reason"]) == ("False", "ChecksumMismatch")
         assert adapter_status(cluster).get("stage") != "production"

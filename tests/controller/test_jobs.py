@@ -79,12 +79,14 @@ def test_workload_priority_class_is_the_kueue_priority_label():
 
 def test_pvc_sources_are_mounted_read_only_and_output_writable():
     ftj = FineTuneJob.model_validate(patched(minimal_job(
-        baseModel={"uri": "pvc://models/llama"}, dataset={"uri": "pvc://data/d.jsonl"},
+        baseModel={"uri": "pvc://models/llama"},
+        dataset={"uri": "pvc://data/d.jsonl", "validationUri": "pvc://holdout/v.jsonl", "validationSplit": 0},
         output={"uri": "pvc://models/runs"}), UID))
     pod = build_job(ftj, SETTINGS)["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
               for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {"data": True, "models": False}  # models also holds the output: writable
+    # models also holds the output: writable; the hold-out file's claim is read like the dataset's
+    assert claims == {"data": True, "holdout": True, "models": False}
 
 
 def test_preemption_does_not_count_and_bad_input_fails_fast():

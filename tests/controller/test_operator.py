@@ -351,12 +351,14 @@ def published_run(tmp_path, location, eval_loss: float) -> str:
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
-    (run / "adapter" / "adapter_config.json").write_text('{"r": 16}')
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "bias": "none"}))
     (run / "adapter" / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
     manifest = Manifest("RunManifest", describe_dir(run), {
         "metrics": {"final": {"evalLoss": eval_loss, "exactMatch": 1.0}, "train": {"steps": 30}},
         "lineage": {"fineTuneJob": f"{NS}/job", "datasetSha256": "d" * 64, "baseModelUri": "s3://models/base"},
-        "layout": {"adapter": "adapter", "merged": None}})
+        "layout": {"adapter": "adapter", "merged": None},
+        "model": {"architectures": ["LlamaForCausalLM"], "modelType": "llama", "torchDtype": "bfloat16"}})
     return publish(location, manifest, run)
 
 
@@ -417,7 +419,14 @@ async def test_adapter_is_verified_promoted_through_its_gate_and_labelled(cluste
         assert "sha256 and every file's size match" in verified["message"]
         status = adapter_status(cluster)
         assert status["metrics"] == {"evalLoss": 0.4, "exactMatch": 1.0, "train.steps": 30.0}
-        assert status["lineage"]["datasetSha256"] == "d" * 64 and "--enable-lora" in status["serving"]["vllm"]
+        assert status["lineage"]["datasetSha256"] == "d" * 64
+        # vLLM's rules on the published adapter_config.json: rank 16 as is, the copies to make named.
+        serving = adapter_condition(cluster, "ServingCompatible")
+        assert (serving["status"], serving["reason"]) == ("True", "VllmCompatible"), serving
+        assert status["serving"]["vllm"]["command"] == (
+            "vllm serve /models/base --enable-lora --max-lora-rank 16 --lora-modules invoices=/models/invoices/adapter")
+        assert f"kubetune adapters pull s3://{s3_bucket.bucket}/run /models/invoices --only adapter" in \
+            status["serving"]["vllm"]["copy"]
         # The gate holds the promotion back and says why; the adapter stays usable as a candidate.
         assert status["stage"] == "candidate"
         promoted = adapter_condition(cluster, "Promoted")

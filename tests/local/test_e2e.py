@@ -59,6 +59,15 @@ async def test_apply_to_verified_adapter(tmp_path, smollm2_dir, caplog):
         assert adapter["status"]["phase"] == "Ready", adapter["status"].get("message")
         verified = next(c for c in adapter["status"]["conditions"] if c["type"] == "Verified")
         assert verified["status"] == "True"
+
+        async def content_verified():
+            # Ready on the operator's listing check; the verification Job (run by the local stack
+            # like any Job) hashes the content and reports through its termination message.
+            body = (await stack.client.get(adapter_path("default", name))) or {}
+            return next((c for c in (body.get("status") or {}).get("conditions") or []
+                         if c["type"] == "Verified" and c["reason"] == "ContentVerified"), None)
+        verified = await eventually(content_verified, 180, "the verification Job's report")
+        assert verified["status"] == "True" and "match their sha256" in verified["message"]
         assert adapter["status"]["lineage"]["fineTuneJob"] == "default/invoices-local"
         assert adapter["metadata"]["labels"]["kubetune.dev/stage"] == "candidate"
 

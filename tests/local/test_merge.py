@@ -16,6 +16,7 @@ from kubetune.local.stack import S3_SECRET, LocalStack
 from kubetune.storage.location import open_location
 from kubetune.storage.manifest import Manifest, describe_dir, publish, read_manifest
 from kubetune.storage.models import import_model
+from tests.support import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,15 @@ async def test_merge_job_output_matches_base_plus_adapter(tmp_path, smollm2_dir,
         assert "Merging" in phases
         merged_condition = next(c for c in status["conditions"] if c["type"] == "Merged")
         assert merged_condition["status"] == "True"
+
+        async def content_verified():
+            # The verification Job, run by the local stack like any Job, reports through its
+            # termination message; the operator only listed the artifact.
+            body = (await stack.client.get(adapter_path("default", "merged-1"))) or {}
+            return next((c for c in (body.get("status") or {}).get("conditions") or []
+                         if c["type"] == "Verified" and c["reason"] == "ContentVerified"), None)
+        verified = await eventually(content_verified, 300, "the verification Job's report")
+        assert verified["status"] == "True" and "match their sha256" in verified["message"]
         assert status["mergedModelUri"] == "s3://adapters/run-1/merged"
         merged = run.child("merged")
         manifest = read_manifest(merged)

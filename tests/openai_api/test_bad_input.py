@@ -112,7 +112,10 @@ async def bad_job_requests(stack: LocalStack, service, port: int) -> None:
     assert "colour: unknown field" in await refused("colour", extra_body={"colour": "blue"})
     assert "is not available" in await refused("method.type", method={"type": "reinforcement"})
     assert "method dpo needs preference pairs" in await refused("training_file", method={"type": "dpo"})
-    assert "not supported" in await refused("validation_file", validation_file=file.id)
+    assert "no file 'file-nope' in namespace default" in await refused("validation_file", validation_file="file-nope")
+    pairs = await client.files.create(file=("pairs.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'),
+                                      purpose="fine-tune")
+    assert "holds preference pairs" in await refused("validation_file", validation_file=pairs.id)
 
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         url = f"http://127.0.0.1:{port}/v1/fine_tuning/jobs"
@@ -131,4 +134,5 @@ async def bad_job_requests(stack: LocalStack, service, port: int) -> None:
     assert namespace.value.body["param"] == "namespace"
 
     await client.files.delete(file.id)
+    await client.files.delete(pairs.id)
     await nothing_left(stack, service)

@@ -1,13 +1,15 @@
 """The official `openai` client drives a real fine-tune on the local stack: upload the invoice
-dataset, create a job, follow its events until it succeeds (a real CPU LoRA run of SmolLM2), read
-fine_tuned_model, the checkpoints and the result file; cancel a second, running job; and see a bad
-upload refused with the trainer's own message."""
+dataset and a validation file, create a job, follow its events until it succeeds (a real CPU LoRA
+run of SmolLM2, evaluated on the validation file), read fine_tuned_model, the checkpoints and the
+result file; cancel a second, running job; and see a bad upload refused with the trainer's own message."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -19,6 +21,8 @@ from kubetune.controller.jobs import LABEL_JOB
 from kubetune.controller.kube import path_for
 from kubetune.local.stack import LocalStack
 from kubetune.openai_api.local import SAMPLE_ENTRY, SAMPLE_MODEL
+from kubetune.storage.location import open_location
+from kubetune.storage.manifest import read_manifest
 from kubetune.storage.models import import_model
 from kubetune_trainer.data import prepare
 from kubetune_trainer.records import DatasetError
@@ -65,9 +69,16 @@ async def test_openai_client_fine_tunes_on_the_local_stack(tmp_path, smollm2_dir
         assert (await client.files.content(file.id)).content == data
         assert [f.id for f in (await client.files.list()).data] == [file.id]
 
+        held_out = jsonl(invoice_records(6, seed=7))
+        held = await client.files.create(file=("holdout.jsonl", held_out), purpose="fine-tune")
         job = await client.fine_tuning.jobs.create(model=SAMPLE_MODEL, training_file=file.id, suffix="invoices",
-                                                   seed=3, hyperparameters={"batch_size": 2})
+                                                   validation_file=held.id, seed=3, hyperparameters={"batch_size": 2})
         assert job.status == "validating_files" and job.model == SAMPLE_MODEL and job.training_file == file.id
+        assert job.validation_file == held.id
+        # The FineTuneJob evaluates on the validation file instead of the catalog's split of the training file.
+        ftj = await stack.client.get(path_for(API_VERSION, "finetunejobs", "default", job.id))
+        assert ftj["spec"]["dataset"] == {**ftj["spec"]["dataset"], "validationSplit": 0,
+                                          "validationUri": service.files.content_uri("default", held.id, ".jsonl")}
         seen: dict[str, str] = {}
 
         async def finished():
@@ -85,6 +96,19 @@ async def test_openai_client_fine_tunes_on_the_local_stack(tmp_path, smollm2_dir
 
         adapter = await stack.client.get(adapter_path("default", done.fine_tuned_model))
         assert adapter is not None and adapter["metadata"]["labels"][LABEL_JOB] == job.id
+        assert done.validation_file == held.id
+        run = (await asyncio.to_thread(read_manifest, open_location(
+            adapter["spec"]["artifact"]["uri"], storage=stack.storage, volume_root=Path("/")))).metadata
+        # Trained on the whole training file, evaluated on exactly the validation file's records.
+        assert (run["data"]["records"], run["data"]["validation"]) == (len(records), 6)
+        assert run["lineage"]["validationDatasetSha256"] == hashlib.sha256(held_out).hexdigest()
+
+        async def adapter_lineage():
+            found = await stack.client.get(adapter_path("default", done.fine_tuned_model))
+            return ((found or {}).get("status") or {}).get("lineage")
+        lineage = await eventually(adapter_lineage, 120, "the adapter to be verified", interval=0.5)
+        assert (lineage["validationDatasetUri"], lineage["validationDatasetSha256"]) == (
+            run["lineage"]["validationDatasetUri"], run["lineage"]["validationDatasetSha256"])
         assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at >= done.created_at
         # The result file is the run's history, one JSON line per step (OpenAI's is a per-step CSV).
         content = (await client.files.content(done.result_files[0])).content
@@ -98,14 +122,16 @@ async def test_openai_client_fine_tunes_on_the_local_stack(tmp_path, smollm2_dir
         assert [j.id for j in (await client.fine_tuning.jobs.list()).data] == [job.id]
 
         # A second job, cancelled while it runs: its pods stop, then the operator fails it as Cancelled.
-        second = await client.fine_tuning.jobs.create(model=SAMPLE_MODEL, training_file=file.id)
+        second = await client.fine_tuning.jobs.create(model=SAMPLE_MODEL, training_file=file.id,
+                                                      validation_file=held.id)
 
         async def running():
             return (await client.fine_tuning.jobs.retrieve(second.id)).status == "running"
         await eventually(running, 300, "the second job to run", interval=0.5)
-        with pytest.raises(openai.ConflictError) as in_use:  # its training file is still read by a running job
-            await client.files.delete(file.id)
-        assert second.id in in_use.value.body["message"]
+        for used in (file, held):  # its training and validation files are still read by a running job
+            with pytest.raises(openai.ConflictError) as in_use:
+                await client.files.delete(used.id)
+            assert second.id in in_use.value.body["message"]
         cancelled = await client.fine_tuning.jobs.cancel(second.id)
         assert cancelled.status == "cancelled"
         ftj_path = path_for(API_VERSION, "finetunejobs", "default", second.id)
@@ -122,4 +148,5 @@ async def test_openai_client_fine_tunes_on_the_local_stack(tmp_path, smollm2_dir
         page = await client.fine_tuning.jobs.list(limit=1)
         assert [j.id for j in page.data] == [second.id] and page.has_more
         assert [j.id for j in (await client.fine_tuning.jobs.list(after=second.id)).data] == [job.id]
-        assert (await client.files.delete(file.id)).deleted and (await client.files.list()).data == []
+        assert (await client.files.delete(file.id)).deleted and (await client.files.delete(held.id)).deleted
+        assert (await client.files.list()).data == []

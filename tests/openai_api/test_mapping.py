@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from kubetune.api import FineTuneJob
 from kubetune.openai_api import mapping
 from kubetune.openai_api.catalog import CatalogEntry, lookup, parse_catalog
 from kubetune.openai_api.errors import OpenAIError
@@ -14,6 +15,7 @@ from kubetune.openai_api.models import JobCreate
 
 PLACEMENT = mapping.Placement(output_uri="s3://runs", storage_secret="store")
 DATA = "s3://files/team-a/file-abc/data.jsonl"
+HELD = "s3://files/team-a/file-val/data.jsonl"
 
 
 def entry(**defaults) -> CatalogEntry:
@@ -21,10 +23,13 @@ def entry(**defaults) -> CatalogEntry:
                                         "defaults": {"method": "lora", "resources": {"gpus": 0}, **defaults}})
 
 
-def build(body: dict, file_format: str | None = None, **defaults) -> dict:
+def build(body: dict, file_format: str | None = None, validation_format: str | None = None, **defaults) -> dict:
+    """The job for a request; a validation_file in the body names an upload of validation_format at HELD."""
     request = JobCreate.model_validate({"model": "smol", "training_file": "file-abc", **body})
-    return mapping.build_job(request, entry(**defaults), "team-a", "ftjob-0123456789abcdef", DATA, PLACEMENT,
-                             file_format)
+    validation = (mapping.UploadedFile(request.validation_file, HELD, validation_format)
+                  if request.validation_file else None)
+    return mapping.build_job(request, entry(**defaults), "team-a", "ftjob-0123456789abcdef",
+                             mapping.UploadedFile("file-abc", DATA, file_format), PLACEMENT, validation)
 
 
 def test_request_becomes_a_valid_finetunejob():
@@ -49,7 +54,6 @@ def test_method_supervised_carries_the_hyperparameters():
 
 @pytest.mark.parametrize("body, param, text", [
     ({"method": {"type": "reinforcement"}}, "method.type", "method 'reinforcement' is not available"),
-    ({"validation_file": "file-x"}, "validation_file", "validation_file is not supported"),
     ({"hyperparameters": {"batch_size": 4}, "method": {"type": "supervised", "supervised": {}}},
      "hyperparameters", "not both"),
     # The FineTuneJob's own rule (microBatchSize <= batchSize) refuses it, named by the request's field.
@@ -59,6 +63,35 @@ def test_requests_the_operator_would_refuse_are_400(body, param, text):
     with pytest.raises(OpenAIError) as caught:
         build(body, training={"microBatchSize": 8, "batchSize": 16})
     assert caught.value.status == 400 and caught.value.param == param and text in caught.value.message
+
+
+def test_validation_file_is_the_hold_out_in_place_of_a_split():
+    # The catalog's split (and its exact-match scoring of the hold-out) gives way to the file.
+    doc = build({"validation_file": "file-val"}, "chat", "chat", dataset={"validationSplit": 0.15},
+                evaluation={"exactMatch": True})
+    assert doc["spec"]["dataset"] == {"uri": DATA, "validationUri": HELD, "validationSplit": 0.0}
+    assert doc["metadata"]["annotations"][mapping.A_VALIDATION_FILE] == "file-val"
+    assert FineTuneJob.model_validate(doc).spec.dataset.validation_uri == HELD
+    assert mapping.job_object(doc).validation_file == "file-val"
+    assert mapping.job_object(build({})).validation_file is None
+    assert "validationUri" not in build({})["spec"]["dataset"]
+
+
+@pytest.mark.parametrize("body, formats, text", [
+    ({"validation_file": "file-val"}, ("chat", "prompt-completion"),
+     "validation_file 'file-val' is a prompt-completion dataset but training_file 'file-abc' is chat; a validation "
+     "file must have the training file's format"),
+    ({"validation_file": "file-val", "method": {"type": "dpo"}}, ("preference", "chat"),
+     "validation_file 'file-val' is a chat dataset; method dpo needs preference pairs"),
+    ({"validation_file": "file-val"}, ("chat", "preference"),
+     "validation_file 'file-val' holds preference pairs; use method dpo"),
+])
+def test_a_validation_file_that_does_not_fit_is_400(body, formats, text):
+    with pytest.raises(OpenAIError) as caught:
+        build(body, *formats)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "validation_file",
+                                                                            "invalid_validation_file")
+    assert text in caught.value.message
 
 
 def test_unknown_model_lists_the_known_ones():

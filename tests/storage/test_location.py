@@ -10,7 +10,7 @@ import pytest
 from kubetune.storage.config import StorageConfig, StorageConfigError
 from kubetune.storage.location import IntegrityError, LocalLocation, ObjectMissing, S3Location, PART_SIZE
 from kubetune.storage.client import make_client
-from kubetune.storage.manifest import Manifest, describe_dir, publish, read_manifest, verify
+from kubetune.storage.manifest import Manifest, describe_dir, listing_problems, publish, read_manifest, verify
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -28,6 +28,7 @@ def test_multipart_round_trip_keeps_sha256(s3_bucket, tmp_path):
     dest = tmp_path / "back.bin"
     s3_bucket.get_file("model/big.bin", dest, size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
     assert dest.read_bytes() == payload
+    assert s3_bucket.sha256("model/big.bin") == hashlib.sha256(payload).hexdigest()  # streamed, no file
 
 
 def test_download_resumes_from_partial_file(s3_bucket, tmp_path):
@@ -68,6 +69,8 @@ def test_publish_then_verify(location, tmp_path):
     assert verify(location, back) == []
     location.put_bytes("adapter/adapter_model.safetensors", os.urandom(5000))  # same size, other bytes
     assert verify(location, back) == ["adapter/adapter_model.safetensors: sha256 mismatch"]
+    location.put_bytes("adapter/adapter_model.safetensors", os.urandom(4999))
+    assert listing_problems(back, location.list()) == ["adapter/adapter_model.safetensors: size 4999 != 5000"]
     location.delete_prefix("adapter")
     assert verify(location, back) == ["adapter/adapter_config.json: missing",
                                       "adapter/adapter_model.safetensors: missing"]

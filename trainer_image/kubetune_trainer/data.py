@@ -13,6 +13,9 @@ keeps, rather than selected from one table and copied out.
 
 Nothing is dropped silently: overlong examples are truncated and counted (or refused, naming the
 record), and the report records the data's sha256, the detected format and the split.
+
+The hold-out is a seeded split of the training data (dataset.validationSplit) or a file of its own
+(dataset.validationUri), read by the same readers, of the same format, with its own sha256.
 """
 
 from __future__ import annotations
@@ -57,11 +60,20 @@ class DataReport:
     loss_tokens: int = 0
     truncated_where: list[str] = field(default_factory=list)
     rows: int = 0  # training rows after packing
+    validation_file: str | None = None  # the hold-out's own file (dataset.validationUri), if it has one
+    validation_sha256: str | None = None
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["truncated_where"] = out["truncated_where"][:20]
         return out
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A dataset on local disk (a file or a directory of parts) and what errors call it (its URI)."""
+    path: Path
+    name: str
 
 
 @dataclass
@@ -106,12 +118,19 @@ def split_for_training(n: int, name: str, dataset: Dataset, training: Training) 
     return train_idx, val_idx
 
 
-def verified_digest(path: Path, name: str, dataset: Dataset) -> str:
-    """The data's sha256, checked against the spec's pin (dataset.sha256) where it has one."""
+def verified_digest(path: Path, name: str, pinned: str | None) -> str:
+    """The data's sha256, checked against the spec's pin (dataset.sha256 or validationSha256) where it has one."""
     digest = sha256_of(path, name)
-    if dataset.sha256 and digest != dataset.sha256:
-        raise DatasetError(name, f"sha256 {digest} does not match the pinned {dataset.sha256}")
+    if pinned and digest != pinned:
+        raise DatasetError(name, f"sha256 {digest} does not match the pinned {pinned}")
     return digest
+
+
+def same_format(held: str, fmt: str, validation: DataFile, name: str) -> None:
+    """A hold-out file is scored as the training data is rendered: it must be of the same format."""
+    if held != fmt:
+        raise DatasetError(validation.name, f"is {held} but the training data {name} is {fmt}; a validation "
+                           "file must have the training data's format")
 
 
 def tokenize_spans(tokenizer, examples: list[list[Span]]) -> list[tuple[list[int], list[int]]]:
@@ -137,15 +156,17 @@ def tokenize_spans(tokenizer, examples: list[list[Span]]) -> list[tuple[list[int
     return out
 
 
-def cache_key(sha256: str, tokenizer, dataset: Dataset, training: Training) -> str:
-    """Everything that decides the prepared data: its bytes, the tokenizer (vocabulary, template,
-    special tokens) and the spec fields that change rendering, truncation, the split or packing."""
+def cache_key(sha256: str, tokenizer, dataset: Dataset, training: Training,
+              validation_sha256: str | None = None) -> str:
+    """Everything that decides the prepared data: its bytes (and the validation file's), the tokenizer
+    (vocabulary, template, special tokens) and the spec fields that change rendering, truncation, the
+    split or packing. The URIs are not part of it: the same bytes elsewhere prepare the same."""
     tok = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else repr(tokenizer.get_vocab())
     parts = {
-        "version": CACHE_VERSION, "sha256": sha256,
+        "version": CACHE_VERSION, "sha256": sha256, "validationSha256": validation_sha256,
         "tokenizer": hashlib.sha256(tok.encode()).hexdigest(),
         "chatTemplate": tokenizer.chat_template, "eos": tokenizer.eos_token,
-        "dataset": dataset.model_dump(mode="json", exclude={"uri", "sha256"}),
+        "dataset": dataset.model_dump(mode="json", exclude={"uri", "sha256", "validation_uri", "validation_sha256"}),
         "training": {"maxSeqLength": training.max_seq_length, "packing": training.packing, "seed": training.seed},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -224,44 +245,67 @@ def _column(split, key: str):
     return split.data.column(key).to_numpy()
 
 
+def _detected_format(path: Path, name: str, dataset: Dataset) -> str:
+    first = next(iter_records(path, name))
+    return dataset.format if dataset.format != "auto" else detect_format(first, first.file or name)
+
+
+def _raw(path: Path, name: str, cache: Path):
+    """The records of a dataset as an Arrow table of JSON strings, read by our readers."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_generator(_raw_records, gen_kwargs={"path": str(path), "name": name},
+                                               cache_dir=str(cache),
+                                               features=datasets.Features({k: datasets.Value("string")
+                                                                           for k in ("record", "where", "file")}))
+    except datasets.exceptions.DatasetGenerationError as exc:
+        if isinstance(exc.__cause__, DatasetError):
+            raise exc.__cause__ from None  # our reader's message, not the builder's wrapper
+        raise
+
+
 def _build(path: Path, name: str, digest: str, dataset: Dataset, training: Training, tokenizer, work: Path,
-           staging: Path) -> DataReport:
+           staging: Path, validation: DataFile | None = None, validation_digest: str | None = None) -> DataReport:
     """Prepares the data into `staging` (train, validation, rows: Arrow files) and reports on it.
 
     Only small columns (flags, counts, list offsets) are read back into this process; the token
     lists are read once, by packing. Records are split before tokenizing, so when several records
     are bad the first bad one of the training split is named before any of the hold-out's.
+    validation: the hold-out's own file; the training data is then not split (validationSplit is 0).
     """
     import datasets
     import numpy as np
     import pyarrow.compute as pc
 
     datasets.disable_progress_bars()  # a bar per map in a pod's log is noise; the report says what was done
-    first = next(iter_records(path, name))
-    fmt = dataset.format if dataset.format != "auto" else detect_format(first, first.file or name)
-    try:
-        raw = datasets.Dataset.from_generator(_raw_records, gen_kwargs={"path": str(path), "name": name},
-                                              cache_dir=str(work / "raw"),
-                                              features=datasets.Features({k: datasets.Value("string")
-                                                                          for k in ("record", "where", "file")}))
-    except datasets.exceptions.DatasetGenerationError as exc:
-        if isinstance(exc.__cause__, DatasetError):
-            raise exc.__cause__ from None  # our reader's message, not the builder's wrapper
-        raise
+    fmt = _detected_format(path, name, dataset)
+    raw = _raw(path, name, work / "raw")
     train_idx, val_idx = split_for_training(len(raw), name, dataset, training)
+    records = len(raw)
+    # Named after the training data, so a hold-out file's examples carry their file's name in `where`.
     tokenize = _Tokenize(tokenizer, name, fmt, dataset, training.max_seq_length)
     train_all = _tokenized(raw, train_idx, tokenize, work, "train")
-    validation = _tokenized(raw, val_idx, tokenize, work, "validation")
+    if validation is None:
+        validation_set = _tokenized(raw, val_idx, tokenize, work, "validation")
+    else:
+        same_format(_detected_format(validation.path, validation.name, dataset), fmt, validation, name)
+        held = _raw(validation.path, validation.name, work / "raw-validation")
+        val_idx = list(range(records, records + len(held)))  # in record order: after the training data's
+        validation_set = _tokenized(held, list(range(len(held))), tokenize, work, "validation")
+        del held
     del raw  # its mapped pages (read here when the data are too small for workers) are not held while packing
 
-    report = DataReport(name, digest, fmt, len(train_idx) + len(val_idx), 0, len(validation))
+    report = DataReport(name, digest, fmt, records, 0, len(validation_set),
+                        validation_file=validation.name if validation else None, validation_sha256=validation_digest)
     # In record order, across both splits, as the report lists them.
-    truncated = sorted((order[i], split, int(i)) for split, order in ((train_all, train_idx), (validation, val_idx))
+    truncated = sorted((order[i], split, int(i))
+                       for split, order in ((train_all, train_idx), (validation_set, val_idx))
                        for i in np.flatnonzero(_column(split, "truncated")))
     report.truncated = len(truncated)
     report.truncated_where = [split[i]["where"] for _, split, i in truncated[:20]]
     loss = _column(train_all, "loss_tokens")
-    report.no_loss_tokens = int((loss == 0).sum() + (_column(validation, "loss_tokens") == 0).sum())
+    report.no_loss_tokens = int((loss == 0).sum() + (_column(validation_set, "loss_tokens") == 0).sum())
     kept = np.flatnonzero(loss > 0)
     if not len(kept):
         raise DatasetError(name, "no training example has a token to learn from (all truncated away?)")
@@ -275,7 +319,7 @@ def _build(path: Path, name: str, digest: str, dataset: Dataset, training: Train
     report.rows = len(rows)
     if train is not train_all:  # a selection of rows: written out on its own (the pages packing just read)
         train = train.flatten_indices(cache_file_name=str(work / "kept" / "train.arrow"))
-    for part, table in (("train", train), ("validation", validation), ("rows", rows)):
+    for part, table in (("train", train), ("validation", validation_set), ("rows", rows)):
         _store(table, staging / part)
     return report
 
@@ -329,15 +373,18 @@ def _load(target: Path) -> PreparedData:
     return PreparedData(**parts, report=DataReport(**json.loads((target / "report.json").read_text())))
 
 
-def prepare(path: Path, name: str, dataset: Dataset, training: Training, tokenizer, *, cache_dir: Path | None = None,
+def prepare(path: Path, name: str, dataset: Dataset, training: Training, tokenizer, *,
+            validation: DataFile | None = None, cache_dir: Path | None = None,
             ranks: distributed.Ranks | None = None) -> PreparedData:
     """The prepared data for this spec: from the cache when an earlier attempt (or another job with
     the same data, tokenizer and fields) prepared it, else built by the node's first process.
+    validation: the local copy of dataset.validationUri, when the spec has one.
     cache_dir: the pod's cache (KUBETUNE_CACHE_DIR), which outlives the pod where it is a volume."""
     ranks = ranks or distributed.Ranks()
     cache_dir = cache_dir or Path(os.environ.get("KUBETUNE_CACHE_DIR", "/tmp/kubetune-cache")) / "datasets"
-    digest = verified_digest(path, name, dataset)
-    target = cache_dir / "prepared" / cache_key(digest, tokenizer, dataset, training)
+    digest = verified_digest(path, name, dataset.sha256)
+    held = verified_digest(validation.path, validation.name, dataset.validation_sha256) if validation else None
+    target = cache_dir / "prepared" / cache_key(digest, tokenizer, dataset, training, held)
     failure = None
     if ranks.is_local_main and not (target / "report.json").is_file():
         work = cache_dir / "preparing" / target.name
@@ -345,7 +392,7 @@ def prepare(path: Path, name: str, dataset: Dataset, training: Training, tokeniz
         try:
             # Built beside the target, then renamed into place: a reader never sees half a cache.
             staging = work / "entry"
-            report = _build(path, name, digest, dataset, training, tokenizer, work, staging)
+            report = _build(path, name, digest, dataset, training, tokenizer, work, staging, validation, held)
             (staging / "report.json").write_text(json.dumps(asdict(report)))
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -101,12 +101,24 @@ def total(ranks: Ranks, count: int) -> int:
     return _all_reduce(ranks, count, dist.ReduceOp.SUM)
 
 
+def sums(ranks: Ranks, values: list[float]) -> list[float]:
+    """Each value summed over the ranks, in float64 and one collective."""
+    if not ranks.distributed:
+        return values
+    return _reduced(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
+
+
 def _all_reduce(ranks: Ranks, value: int, op) -> int:
     """One integer reduced over the ranks: a tensor collective, no pickling (the history sums
     tokens every step)."""
     if not ranks.distributed:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    return int(_reduced(torch.tensor([value], dtype=torch.int64), op).item())
+
+
+def _reduced(tensor: torch.Tensor, op) -> torch.Tensor:
+    """On the GPU where there is one: NCCL reduces CUDA tensors only."""
+    if torch.cuda.is_available():
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(tensor, op=op)
-    return int(tensor.item())
+    return tensor.cpu()

@@ -1,4 +1,5 @@
-"""`kubetune-trainer`: run a fine-tune from a spec file, or merge an adapter into its base."""
+"""`kubetune-trainer`: run a fine-tune from a spec file, merge an adapter into its base, or verify an
+adapter's content."""
 
 from __future__ import annotations
 
@@ -95,6 +96,19 @@ def run_merge_job(path: Path) -> int:
     return _at_process_boundary(merge, "MergeError")
 
 
+def run_verify_job(path: Path) -> int:
+    from kubetune.storage.config import StorageConfig
+    from kubetune_trainer.verify_job import load, run_verify
+
+    def check() -> int:
+        spec = load(path)
+        storage = StorageConfig.from_env() if spec.artifact_uri.startswith("s3://") else None
+        # Found problems are the verification's result, not its failure: exit 0, report them.
+        write_termination_message(run_verify(spec, storage))
+        return EXIT_OK
+    return _at_process_boundary(check, "VerifyError")
+
+
 def run_merge(base: Path, adapter: Path, out: Path, dtype_name: str) -> int:
     import torch
 
@@ -116,11 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     merge_job = sub.add_parser("merge-job", help="the LoraAdapter merge Job: from object storage to object storage")
     merge_job.add_argument("--spec", type=Path, required=True, help="merge spec JSON (baseModel, artifactUri, dtype)")
+    verify_job = sub.add_parser("verify-job", help="the LoraAdapter verification Job: hash the artifact's content")
+    verify_job.add_argument("--spec", type=Path, required=True,
+                            help="verify spec JSON (artifactUri, manifestSha256, fingerprint)")
     args = parser.parse_args(argv)
     if args.command == "merge":
         return run_merge(args.base, args.adapter, args.out, args.dtype)
     if args.command == "merge-job":
         return run_merge_job(args.spec)
+    if args.command == "verify-job":
+        return run_verify_job(args.spec)
     if not args.spec:
         parser.error("--spec is required")
     return run_spec(args.spec)

@@ -4,8 +4,9 @@ Features, and the spec fields that drive them:
 - base model from pvc://, s3:// (manifest-verified download, cached) or hf:// (allowHubDownloads);
 - datasets in JSONL/JSON/Parquet/CSV, a file or a directory of parts, formats
   alpaca/chat/prompt-completion/text/auto (dataset.format), completion-only loss
-  (dataset.completionOnlyLoss), seeded hold-out (dataset.validationSplit), overlong policy
-  (dataset.onOverlong); prepared once per node and cached (kubetune_trainer.data);
+  (dataset.completionOnlyLoss), seeded hold-out (dataset.validationSplit) or a hold-out file
+  (dataset.validationUri), overlong policy (dataset.onOverlong); prepared once per node and cached
+  (kubetune_trainer.data);
 - TRL's SFTTrainer runs the training (kubetune_trainer.training); objective dpo: TRL's DPOTrainer on
   prompt/chosen/rejected pairs, the reference being the base with the adapter disabled
   (kubetune_trainer.preference, kubetune_trainer.dpo), hold-out reward accuracy and margin;
@@ -20,6 +21,7 @@ Features, and the spec fields that drive them:
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -36,7 +38,7 @@ from kubetune.storage.location import Location, open_location
 from kubetune.storage.manifest import MANIFEST, Manifest, describe_dir, publish
 from kubetune_trainer import distributed
 from kubetune_trainer.checkpoints import CheckpointStore, check_resumable
-from kubetune_trainer.data import PreparedData, prepare
+from kubetune_trainer.data import DataFile, PreparedData, prepare
 from kubetune_trainer.dpo import build_dpo_trainer, preference_metrics
 from kubetune_trainer.evaluation import generation_metrics, holdout_loss
 from kubetune_trainer.history import TrainingHistory, history_rows, summary, write_history, write_tensorboard
@@ -45,6 +47,7 @@ from kubetune_trainer.preference import PreparedPreferences, prepare_preferences
 from kubetune_trainer.progress import Channel, FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
 from kubetune_trainer.runspec import RunSpec
 from kubetune_trainer.sources import ModelSource, resolve_dataset, resolve_model
+from kubetune_trainer.tracking import tracked_run
 from kubetune_trainer.training import (
     PreemptionFlag,
     build_trainer,
@@ -56,7 +59,8 @@ from kubetune_trainer.training import (
 )
 
 log = logging.getLogger(__name__)
-LIBRARIES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "kubetune")
+GGUF = "gguf"
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "gguf", "kubetune")
 
 
 @dataclass
@@ -96,18 +100,23 @@ class FineTuneRecipe:
 
     # -- setup -------------------------------------------------------------------------------
     def _storage(self) -> StorageConfig | None:
-        uris = (self.spec.base_model.uri, self.spec.dataset.uri, self.run_info.output_uri)
+        uris = (self.spec.base_model.uri, self.spec.dataset.uri, self.spec.dataset.validation_uri or "",
+                self.run_info.output_uri)
         return StorageConfig.from_env() if any(u.startswith("s3://") for u in uris) else None
 
-    def _setup_sources(self, storage) -> tuple[ModelSource, Path]:
-        """Downloaded once per node (pod); every process then uses the same paths."""
+    def _setup_sources(self, storage) -> tuple[ModelSource, Path, DataFile | None]:
+        """Downloaded once per node (pod); every process then uses the same paths.
+        The third: the hold-out file (dataset.validationUri), when the spec has one."""
         sources = None
         if self.ranks.is_local_main:
             volumes, cache = Path(self.run_info.volume_root), Path(self.run_info.cache_dir)
             model = resolve_model(self.spec.base_model, storage=storage, volume_root=volumes, cache_dir=cache,
                                   allow_hub=self.spec.allow_hub_downloads)
-            sources = model, resolve_dataset(self.spec.dataset.uri, storage=storage, volume_root=volumes,
-                                             cache_dir=cache)
+            held = self.spec.dataset.validation_uri
+            sources = (model, resolve_dataset(self.spec.dataset.uri, storage=storage, volume_root=volumes,
+                                              cache_dir=cache),
+                       DataFile(resolve_dataset(held, storage=storage, volume_root=volumes, cache_dir=cache), held)
+                       if held else None)
         return distributed.from_main(self.ranks, sources)
 
     def _setup_model(self, source: ModelSource, placement: Placement, plan: RunPlan):
@@ -115,12 +124,12 @@ class FineTuneRecipe:
                           sharded=plan.sharded)
         return model if self.dpo else attach_lora(model, self.spec)  # DPOTrainer attaches the adapter itself
 
-    def _prepare(self, data_path: Path, tokenizer) -> PreparedData | PreparedPreferences:
+    def _prepare(self, data_path: Path, validation: DataFile | None, tokenizer) -> PreparedData | PreparedPreferences:
         if self.dpo:
             return prepare_preferences(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training,
-                                       tokenizer)
+                                       tokenizer, validation)
         return prepare(data_path, self.spec.dataset.uri, self.spec.dataset, self.spec.training, tokenizer,
-                       cache_dir=Path(self.run_info.cache_dir) / "datasets", ranks=self.ranks)
+                       validation=validation, cache_dir=Path(self.run_info.cache_dir) / "datasets", ranks=self.ranks)
 
     def _build(self, model, data, tokenizer, plan: RunPlan, callback_kwargs: dict):
         if self.dpo:
@@ -130,34 +139,39 @@ class FineTuneRecipe:
         return build_trainer(model, self.spec, data.rows, tokenizer=tokenizer, plan=plan, work_dir=self.work,
                              callback_kwargs=callback_kwargs)
 
-    def _evaluate(self, model, tokenizer, data: PreparedData | PreparedPreferences, *, generate: bool,
-                  everywhere: bool = False, trainer=None) -> dict:
-        """everywhere: the model is sharded, so every rank takes part (rank 0 alone otherwise).
-        trainer: DPO's, which holds the hold-out pairs as TRL tokenized them."""
-        if not (self.ranks.is_main or everywhere):
-            return {}
+    def _evaluate(self, model, tokenizer, data: PreparedData | PreparedPreferences, plan: RunPlan, *,
+                  generate: bool, everywhere: bool = False, trainer=None) -> dict:
+        """Every rank shares the hold-out loss, at the plan's micro-batch (planned for it); generation
+        and DPO's figures run on rank 0 alone unless everywhere (the model is sharded, so every rank
+        takes part). trainer: DPO's, which holds the hold-out pairs as TRL tokenized them."""
+        takes_part = self.ranks.is_main or everywhere
         if self.dpo:
             return preference_metrics(model, trainer.eval_dataset or [], pad_id=tokenizer.pad_token_id,
                                       beta=self.spec.objective.dpo_settings().beta,
-                                      max_length=self.spec.training.max_seq_length)
-        metrics = holdout_loss(model, data.validation, tokenizer.pad_token_id)
-        if generate and self.spec.evaluation.exact_match:
+                                      max_length=self.spec.training.max_seq_length) if takes_part else {}
+        metrics = holdout_loss(model, data.validation, tokenizer.pad_token_id, plan.micro_batch_size, self.ranks)
+        if generate and self.spec.evaluation.exact_match and takes_part:
             metrics |= generation_metrics(model, tokenizer, data.validation,
                                           max_samples=self.spec.evaluation.max_samples,
-                                          max_new_tokens=self.spec.evaluation.max_new_tokens)
+                                          max_new_tokens=self.spec.evaluation.max_new_tokens,
+                                          batch_size=plan.micro_batch_size)
         return metrics
 
     # -- run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with tracked_run(self.spec, self.run_info, main=self.ranks.is_main) as self.tracking:
+            return self._run()
+
+    def _run(self) -> RunResult:
         self.reporter.report(ProgressReport("loading"), force=True)
         storage = self._storage()
         output = open_location(parse_uri(self.run_info.output_uri), storage=storage,
                                volume_root=Path(self.run_info.volume_root))
         if self.ranks.is_main:
             output.ensure_ready()
-        source, data_path = self._setup_sources(storage)
+        source, data_path, validation = self._setup_sources(storage)
         tokenizer = load_tokenizer(source.path)
-        data = self._prepare(data_path, tokenizer)
+        data = self._prepare(data_path, validation, tokenizer)
         log.info("dataset: %s", data.report.to_dict())
         placement = Placement.detect()
         plan = plan_batches(self.spec, source.path, placement.device == "cuda", self.ranks.world_size)
@@ -167,7 +181,7 @@ class FineTuneRecipe:
 
         self.reporter.report(ProgressReport("evaluating"), force=True)
         # LoRA starts as a no-op: this is the base. DPO's adapter is attached by its trainer, below.
-        baseline = {} if self.dpo else self._evaluate(model, tokenizer, data, generate=True)
+        baseline = {} if self.dpo else self._evaluate(model, tokenizer, data, plan, generate=True)
         store = CheckpointStore(output, self.spec.output.keep_checkpoints)
         self.work.mkdir(parents=True, exist_ok=True)
         resume = store.pull_latest(self.work / "checkpoints") if self.ranks.is_local_main else None
@@ -181,11 +195,14 @@ class FineTuneRecipe:
             model, data, tokenizer, plan,
             {"reporter": self.reporter, "store": store, "preemption": self.preemption,
              "evaluate": history.recording(lambda: holdout_loss(trainer.model, data.validation,
-                                                                tokenizer.pad_token_id)),
+                                                                tokenizer.pad_token_id, plan.micro_batch_size,
+                                                                self.ranks)),
              "ranks": self.ranks})
         if self.dpo:
-            baseline = self._evaluate(trainer.model, tokenizer, data, generate=True, trainer=trainer)
+            baseline = self._evaluate(trainer.model, tokenizer, data, plan, generate=True, trainer=trainer)
         trainer.add_callback(history)
+        if self.tracking.callback:
+            trainer.add_callback(self.tracking.callback)
         loop.last_checkpoint = resume[1] if resume else None
         self.preemption.install()
         reset_peak_memory()
@@ -196,7 +213,8 @@ class FineTuneRecipe:
 
         self.reporter.report(ProgressReport("evaluating", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss), force=True)
-        final = self._evaluate(trainer.model, tokenizer, data, generate=True, everywhere=plan.sharded, trainer=trainer)
+        final = self._evaluate(trainer.model, tokenizer, data, plan, generate=True, everywhere=plan.sharded,
+                               trainer=trainer)
         final_dir = self.work / "final"
         self._save_adapter(trainer, tokenizer, final_dir / "adapter", sharded=plan.sharded)
         if not self.ranks.is_main:
@@ -215,6 +233,9 @@ class FineTuneRecipe:
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss")), force=True)
         published = self._publish(output, final_dir, tokenizer, source, data, placement,
                                   {"baseline": baseline, "final": final, "train": train_metrics})
+        self.tracking.publish(manifest_uri=published.manifest_uri or "", step=trainer.state.global_step, rows=rows,
+                              adapter_name=self.spec.output.adapter_name or self.run_info.job_name,
+                              metrics={"baseline": baseline, "final": final})
         self.reporter.report(ProgressReport("done", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss"),
                                             lastCheckpoint=loop.last_checkpoint), force=True)
@@ -236,6 +257,8 @@ class FineTuneRecipe:
         adapter_dir = final_dir / "adapter"
         if self.spec.output.merge:
             merge_adapter(source.path, adapter_dir, final_dir / "merged", placement.dtype, tokenizer)
+        gguf = self._export_gguf(source, adapter_dir, final_dir, placement, tokenizer)
+        base = json.loads((source.path / "config.json").read_text())
         manifest = Manifest("RunManifest", describe_dir(final_dir), {
             "metrics": metrics,
             "data": data.report.to_dict(),
@@ -244,12 +267,43 @@ class FineTuneRecipe:
                 "attempt": self.run_info.attempt,
                 "baseModelUri": source.uri, "baseModelRevision": source.revision,
                 "datasetUri": self.spec.dataset.uri, "datasetSha256": data.report.sha256,
+                "validationDatasetUri": data.report.validation_file,
+                "validationDatasetSha256": data.report.validation_sha256,
                 "trainerImage": self.run_info.image, "libraries": library_versions(),
                 "objective": self.spec.objective.type,
             },
             "spec": self.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
-            "layout": {"adapter": "adapter", "merged": "merged" if self.spec.output.merge else None},
+            # What a serving engine's compatibility turns on (the operator's ServingCompatible condition).
+            "model": {"architectures": base.get("architectures"), "modelType": base.get("model_type"),
+                      "torchDtype": base.get("dtype") or base.get("torch_dtype")},  # renamed in transformers 5
+            "tracking": self.tracking.record(),
+            "layout": {"adapter": "adapter", "merged": "merged" if self.spec.output.merge else None,
+                       "gguf": GGUF if gguf and "error" not in gguf else None},
+            **({"gguf": gguf} if gguf else {}),
         })
         digest = publish(output, manifest, final_dir)
         log.info("published %s/%s (sha256 %s, %d files)", output.uri, MANIFEST, digest, len(manifest.files))
         return RunResult(False, f"{output.uri}/{MANIFEST}", digest, metrics)
+
+    def _export_gguf(self, source: ModelSource, adapter_dir: Path, final_dir: Path, placement: Placement,
+                     tokenizer) -> dict | None:
+        """ARTIFACT/gguf/ (output.gguf). A model GGUF cannot be written for is reported in the
+        manifest, and the rest of the run is published all the same."""
+        settings = self.spec.output.gguf
+        if not settings.enabled:
+            return None
+        from kubetune_trainer.gguf_export import GGUFExportError, architecture, export_folder
+
+        try:
+            architecture(json.loads((source.path / "config.json").read_text()))
+            merged = final_dir / "merged"
+            if not self.spec.output.merge:  # merged for the GGUF files alone, not published
+                merged = self.work / "gguf-merged"
+                shutil.rmtree(merged, ignore_errors=True)
+                merge_adapter(source.path, adapter_dir, merged, placement.dtype, tokenizer)
+            return export_folder(merged, adapter_dir, final_dir / GGUF, list(dict.fromkeys(settings.types)),
+                                 self.spec.output.adapter_name or self.run_info.job_name)
+        except GGUFExportError as exc:
+            log.warning("no GGUF files: %s", exc)
+            shutil.rmtree(final_dir / GGUF, ignore_errors=True)
+            return {"error": str(exc)}

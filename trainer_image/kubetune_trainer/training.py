@@ -135,9 +135,9 @@ class LoopCallback(TrainerCallback):
         self._report(state)
 
     def on_save(self, args, state, control, **kw):
-        # After SIGTERM the grace period is for the upload. Sharded, every rank holds part of each
-        # layer, so all of them run the evaluation's forward passes.
-        if not self.stopped_for_preemption and (self.ranks.is_main or self.sharded):
+        # After SIGTERM the grace period is for the upload. Every rank takes its share of the
+        # hold-out (and sharded, every rank holds part of each layer).
+        if not self.stopped_for_preemption:
             self.eval_loss = self.evaluate().get("evalLoss")
         if not self.ranks.is_main:
             return  # rank 0's checkpoint holds the adapter, optimizer and schedule of the whole group

@@ -57,13 +57,29 @@ class Dataset(ApiModel):
     uri: StorageUriStr = Field(description="A JSONL, JSON, Parquet or CSV file on s3:// or pvc://.")
     format: DatasetFormat = Field(default="auto", description="Record layout; auto detects it from the fields.")
     validation_split: float = Field(default=0.05, ge=0, lt=0.5,
-                                    description="Fraction held out, seeded and deterministic, for evaluation.")
+                                    description="Fraction held out, seeded and deterministic, for evaluation; "
+                                    "0 with validationUri.")
     sha256: Sha256 | None = Field(default=None, description="Refuse the dataset unless its bytes have this sha256.")
     on_overlong: Literal["truncate", "refuse"] = Field(
         default="truncate",
         description="Examples longer than maxSeqLength: truncate (counted in the report) or refuse.")
     completion_only_loss: bool = Field(default=True,
                                        description="Train on completions only (format text trains on everything).")
+    validation_uri: StorageUriStr | None = Field(
+        default=None, description="A hold-out file (or directory of parts) of uri's format, on s3:// or pvc://: "
+        "evaluation reads it instead of a split of uri, which is then trained on whole (validationSplit 0).")
+    validation_sha256: Sha256 | None = Field(default=None, description="Refuse the validationUri data unless its "
+                                             "bytes have this sha256.")
+    rules: ClassVar = (
+        # Two hold-outs would make the evaluation's figures ambiguous; a split of 0 says in the spec
+        # itself that the training file is not split.
+        Rule("validationSplit", "validationUri is the hold-out: set validationSplit to 0 (uri is then not split)",
+             "!has(self.validationUri) || self.validationSplit == 0.0",
+             lambda s: s.validation_uri is None or s.validation_split == 0),
+        Rule("validationSha256", "validationSha256 pins the data of validationUri: it needs validationUri",
+             "!has(self.validationSha256) || has(self.validationUri)",
+             lambda s: s.validation_sha256 is None or s.validation_uri is not None),
+    )
 
 
 # The DPO losses of TRL's DPOConfig that are a function of the chosen-rejected pair alone and need
@@ -178,9 +194,23 @@ class Resources(ApiModel):
     )
 
 
+GgufType = Literal["f16", "q8_0"]
+
+
+class Gguf(ApiModel):
+    enabled: bool = Field(default=False, description="Also write ARTIFACT/gguf/: the merged model in each of "
+                          "types, the adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER) and a Modelfile. "
+                          "Llama, Mistral and Qwen2 models; another architecture is reported and the rest published.")
+    types: list[GgufType] = Field(default=["f16"], min_length=1, max_length=2,
+                                  description="GGUF types of the merged model: f16, q8_0 (k-quants such as q4_k_m "
+                                  "are made from the f16 file with llama.cpp's llama-quantize).")
+
+
 class Output(ApiModel):
     uri: StorageUriStr = Field(description="Prefix the run writes under: s3://bucket/prefix or pvc://claim/path.")
     merge: bool = Field(default=True, description="Also write the base model with the adapter merged in (bf16).")
+    gguf: Gguf = Field(default_factory=Gguf, json_schema_extra=DEFAULT_EMPTY,
+                       description="GGUF files for llama.cpp and Ollama under ARTIFACT/gguf/.")
     adapter_name: str | None = Field(default=None, pattern=DNS1123_SUBDOMAIN, max_length=63,
                                      description="Name of the LoraAdapter created on success (a re-run, or another "
                                      "job with the same name, adds version NAME-vN); the job's name if unset.")
@@ -194,6 +224,28 @@ class Output(ApiModel):
 class Storage(ApiModel):
     secret_ref: SecretRef = Field(description="Secret with keys endpoint, accessKey, secretKey and optional region, "
                                   "secure (true/false) and caBundle (PEM).")
+
+
+# http(s) only, and no user:password@ in it: credentials belong in the Secret, not in the spec.
+MLFLOW_URI = r"^https?://[^\s/?#@]+(/[^\s?#@]*)?$"
+
+
+class Mlflow(ApiModel):
+    uri: str = Field(max_length=2048, pattern=MLFLOW_URI,
+                     description="The MLflow tracking server, http:// or https:// (no credentials in it).")
+    experiment: str = Field(min_length=1, max_length=500, pattern=r"^\S[^\r\n\t]*$",
+                            description="Experiment the run is logged in; created if it does not exist.")
+    secret_ref: SecretRef | None = Field(default=None, description=(
+        "Secret with key MLFLOW_TRACKING_TOKEN, or keys MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD: "
+        "the trainer's credentials for the server."))
+
+
+class Tracking(ApiModel):
+    mlflow: Mlflow = Field(description=(
+        "Log the run to MLflow: the spec's training fields and the Trainer's arguments as params, each step's "
+        "loss, learning rate and grad norm, the hold-out metrics, and tags naming the run's manifest and "
+        "LoraAdapter. A resumed job continues its MLflow run. A server that cannot be reached never fails "
+        "training: the trainer logs a warning, records the error in the run's manifest and goes on."))
 
 
 class FineTuneJobSpec(ApiModel):
@@ -215,6 +267,7 @@ class FineTuneJobSpec(ApiModel):
         "decides which queued run Kueue admits first and which it preempts; needs queueName.")
     output: Output
     storage: Storage | None = Field(default=None, description="Object-store access, required by any s3:// URI.")
+    tracking: Tracking | None = Field(default=None, description="Experiment tracking (MLflow); off when unset.")
     allow_hub_downloads: bool = Field(default=False, description="Allow hf:// sources (the pod then needs egress).")
     suspend: bool = Field(default=False, description="Stop the pods (checkpointing first); false resumes.")
     backoff_limit: int = Field(default=3, ge=0, le=100, description="Failed attempts retried; preemptions are free.")
@@ -238,14 +291,23 @@ class FineTuneJobSpec(ApiModel):
         Rule("dataset.uri", "hf:// sources are refused unless allowHubDownloads is true",
              "!self.dataset.uri.startsWith('hf://') || self.allowHubDownloads",
              lambda s: not s.dataset.uri.startswith("hf://") or s.allow_hub_downloads),
+        Rule("dataset.validationUri", "hf:// sources are refused unless allowHubDownloads is true",
+             "!has(self.dataset.validationUri) || !self.dataset.validationUri.startsWith('hf://') || "
+             "self.allowHubDownloads",
+             lambda s: not (s.dataset.validation_uri or "").startswith("hf://") or s.allow_hub_downloads),
         Rule("storage.secretRef", "s3:// URIs need storage.secretRef",
              "!(self.baseModel.uri.startsWith('s3://') || self.dataset.uri.startsWith('s3://') || "
+             "(has(self.dataset.validationUri) && self.dataset.validationUri.startsWith('s3://')) || "
              "self.output.uri.startsWith('s3://')) || has(self.storage)",
              lambda s: s.storage is not None or not any(
-                 u.startswith("s3://") for u in (s.base_model.uri, s.dataset.uri, s.output.uri))),
-        Rule("dataset.validationSplit", "evaluation.exactMatch needs a hold-out split (validationSplit > 0)",
-             "!self.evaluation.exactMatch || self.dataset.validationSplit > 0.0",
-             lambda s: not s.evaluation.exact_match or s.dataset.validation_split > 0),
+                 u.startswith("s3://") for u in (s.base_model.uri, s.dataset.uri, s.dataset.validation_uri or "",
+                                                 s.output.uri))),
+        Rule("dataset.validationSplit",
+             "evaluation.exactMatch needs a hold-out (validationSplit > 0, or validationUri)",
+             "!self.evaluation.exactMatch || self.dataset.validationSplit > 0.0 || "
+             "has(self.dataset.validationUri)",
+             lambda s: not s.evaluation.exact_match or s.dataset.validation_split > 0
+             or s.dataset.validation_uri is not None),
         Rule("dataset.format", "objective dpo reads prompt/chosen/rejected records: dataset.format must be auto",
              "self.objective.type != 'dpo' || self.dataset.format == 'auto'",
              lambda s: s.objective.type != "dpo" or s.dataset.format == "auto"),

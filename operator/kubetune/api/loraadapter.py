@@ -84,10 +84,42 @@ class Lineage(ApiModel):
     fine_tune_job: str | None = None
     dataset_uri: str | None = None
     dataset_sha256: str | None = None
+    validation_dataset_uri: str | None = Field(default=None, description="The run's hold-out file "
+                                               "(dataset.validationUri), if it had one.")
+    validation_dataset_sha256: str | None = None
     base_model_uri: str | None = None
     base_model_revision: str | None = None
     trainer_image: str | None = None
     objective: str | None = Field(default=None, description="What the adapter was trained for: sft or dpo.")
+
+
+class VllmServing(ApiModel):
+    adapter_name: str = Field(description="The name requests select the adapter by (--lora-modules NAME=...).")
+    rank: int | None = Field(default=None, description="The adapter's LoRA rank (adapter_config.json r).")
+    max_lora_rank: int | None = Field(default=None, description="The --max-lora-rank it needs: the rank rounded "
+                                      "up to a value vLLM accepts.")
+    base_model_uri: str
+    adapter_uri: str
+    base_dir: str = Field(description="Where the base is copied to (or the hub id vLLM fetches).")
+    adapter_dir: str = Field(description="Where the adapter is copied to.")
+    copy_commands: list[str] = Field(default_factory=list, alias="copy",
+                                     description="The copies to make before `command`.")
+    command: str | None = Field(default=None, description="The vllm serve line; absent if the rank is unknown.")
+    rules_version: str = Field(description="The vLLM release whose rules ServingCompatible applied.")
+
+
+class OllamaServing(ApiModel):
+    modelfile: str = Field(description="Where the copy puts the run's Modelfile (beside its GGUF files).")
+    copy_commands: list[str] = Field(default_factory=list, alias="copy",
+                                     description="The copies to make before `command`.")
+    command: str = Field(description="The ollama create line.")
+
+
+class Serving(ApiModel):
+    vllm: VllmServing | None = None
+    peft: str | None = Field(default=None, description="Loading it with transformers and peft.")
+    ollama: OllamaServing | None = Field(default=None, description="Creating the Ollama model from the run's "
+                                         "GGUF files, when it exported them (output.gguf).")
 
 
 class LoraAdapterStatus(ApiModel):
@@ -102,7 +134,8 @@ class LoraAdapterStatus(ApiModel):
     lineage: Lineage | None = None
     adapter_uri: str | None = None
     merged_model_uri: str | None = None
-    serving: dict[str, str] = Field(default_factory=dict, description="How to serve it (vLLM, peft).")
+    serving: Serving | None = Field(default=None, description="How to serve it (vLLM, Ollama, peft); whether "
+                                    "vLLM can is the ServingCompatible condition.")
     verified_manifest_sha256: str | None = Field(
         default=None, description="sha256 of the run manifest last verified: deletionPolicy Delete removes what "
         "that manifest lists, and nothing if the manifest changed since.")

@@ -19,14 +19,22 @@ from kubetune.api.uris import parse_uri
 from kubetune.api.validation import validate_object
 from kubetune.controller.artifacts import RUN_MANIFEST, UnsafeManifest, deletion_keys, fingerprint
 from kubetune.controller.kube import KubeClient, path_for
-from kubetune.controller.merging import LABEL_ADAPTER_OWNER, build_merge_objects, merge_job_name
+from kubetune.controller.merging import build_merge_objects, build_verify_objects, merge_job_name, verify_job_name
 from kubetune.controller.objects import create_or_adopt
 from kubetune.controller.secrets import NotReady, storage_config
 from kubetune.controller.settings import OperatorSettings
-from kubetune.controller.status import MESSAGE_LIMIT, capped, failure_message, join_problems, set_condition
+from kubetune.controller.status import (
+    MESSAGE_LIMIT,
+    capped,
+    failure_message,
+    join_problems,
+    set_condition,
+    termination,
+)
+from kubetune.serving import publication
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.location import Location, ObjectMissing, open_location
-from kubetune.storage.manifest import MANIFEST, Manifest, verify
+from kubetune.storage.manifest import MANIFEST, Manifest, listing_problems
 
 LABEL_ADAPTER = "kubetune.dev/adapter"
 LABEL_STAGE = "kubetune.dev/stage"
@@ -65,19 +73,11 @@ def gate_violations(gate: list[Threshold], metrics: dict[str, float]) -> list[st
     return problems
 
 
-def serving_hints(name: str, adapter_uri: str, base_uri: str) -> dict[str, str]:
-    return {
-        "vllm": f"vllm serve BASE_DIR --enable-lora --max-lora-rank R --lora-modules {name}=ADAPTER_DIR "
-                f"(BASE_DIR: a copy of {base_uri}; ADAPTER_DIR: a copy of {adapter_uri})",
-        "peft": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), ADAPTER_DIR)",
-    }
-
-
 @dataclass
 class Verification:
     manifest: Manifest
     problems: list[str]
-    reason: str = "ChecksumsMatch"  # or ChecksumMismatch, NotARunManifest
+    reason: str = "ListingVerified"  # or ChecksumMismatch, NotARunManifest
     manifest_sha256: str = ""
     fingerprint: str = ""
 
@@ -87,6 +87,9 @@ def _location(uri: str, storage, retry_budget_s: float = 30) -> Location:
 
 
 def _verify(uri: str, storage, expected_sha256: str | None, kind: str = RUN_MANIFEST) -> Verification:
+    """The operator's check, one GET and one listing whatever the artifact's size: the manifest's
+    sha256 against the pinned one, its kind, and every listed file's presence and size. Hashing the
+    content is the verification Job's (build_verify_objects)."""
     location = _location(uri, storage)
     try:
         data = location.get_bytes(MANIFEST)
@@ -104,9 +107,10 @@ def _verify(uri: str, storage, expected_sha256: str | None, kind: str = RUN_MANI
         # A model copy or a checkpoint has a manifest too: verifying it as an adapter would make
         # the adapter own (and, with deletionPolicy Delete, delete) what another resource uses.
         return Verification(manifest, [f"{MANIFEST} is a {manifest.kind}, not a {kind}"], "NotARunManifest", digest)
-    problems = verify(location, manifest)
-    return Verification(manifest, problems, "ChecksumMismatch" if problems else "ChecksumsMatch", digest,
-                        "" if problems else fingerprint(digest, manifest.files, location.list()))
+    listing = location.list()
+    problems = listing_problems(manifest, listing)
+    return Verification(manifest, problems, "ChecksumMismatch" if problems else "ListingVerified", digest,
+                        "" if problems else fingerprint(digest, manifest.files, listing))
 
 
 def _unchanged(uri: str, storage, expected: str) -> bool:
@@ -119,6 +123,73 @@ def _unchanged(uri: str, storage, expected: str) -> bool:
     except (ObjectMissing, ValueError, KeyError, TypeError):
         return False
     return fingerprint(hashlib.sha256(data).hexdigest(), manifest.files, location.list()) == expected
+
+
+def _condition(conditions: list[dict], type_: str) -> dict:
+    return next((c for c in conditions if c.get("type") == type_), {})
+
+
+def _content_pending(conditions: list[dict]) -> bool:
+    """Whether the artifact was checked only by listing, its content not hashed yet."""
+    verified = _condition(conditions, "Verified")
+    return verified.get("status") == "True" and verified.get("reason") == "ListingVerified"
+
+
+def content_report(job: dict, pods: list[dict]) -> dict | None:
+    """What a finished verification Job found, from its pod's termination message: None while it
+    runs, {"failed": (reason, message)} if it could not verify (storage unreachable, out of memory),
+    else the report run_verify writes (fingerprint, files, bytes, problems)."""
+    finished = {c.get("type") for c in (job.get("status") or {}).get("conditions") or []
+                if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")}
+    if "Complete" in finished:
+        reports = [m for p in pods if (m := termination(p)[2]).get("fingerprint") is not None]
+        if reports:
+            return reports[-1]
+        return {"failed": ("VerifyReportMissing", "the Job completed without a report in its termination message")}
+    if "Failed" in finished:
+        return {"failed": failure_message(pods[-1]) if pods else ("VerifyJobFailed", "the Job failed")}
+    return None
+
+
+async def _content_checked(client: KubeClient, settings: OperatorSettings, body: dict, adapter: LoraAdapter,
+                           status: dict, conditions: list[dict], generation: int | None,
+                           now: str) -> tuple[list[dict], str]:
+    """Run (or adopt) the verification Job for the listing the operator checked, and fold its
+    report into the Verified condition; the problems it found ("" if none, or not known yet)."""
+    namespace, name = body["metadata"]["namespace"], adapter.metadata.name
+    fingerprint_ = status.get("artifactFingerprint") or ""
+    job_name = verify_job_name(name, fingerprint_)
+    jobs = path_for("batch/v1", "jobs", namespace)
+    job = await client.get(f"{jobs}/{job_name}")
+    if job is None:
+        configmap, job = build_verify_objects(adapter, settings, status.get("verifiedManifestSha256") or "",
+                                              fingerprint_)
+        await create_or_adopt(client, path_for("v1", "configmaps", namespace), configmap)
+        job, created = await create_or_adopt(client, jobs, job)
+        if created:
+            kopf.info(body, reason="VerifyJobCreated", message=f"created Job {job_name}")
+    pods = await client.list(path_for("v1", "pods", namespace), {"batch.kubernetes.io/job-name": job_name})
+    report = content_report(job, pods)
+    verified = _condition(conditions, "Verified")
+    if report is None:
+        return conditions, ""
+    if "failed" in report:
+        reason, detail = report["failed"]
+        message = (f"the manifest's sha256 and every file's size match; the content check (Job {job_name}) failed: "
+                   f"{reason}: {detail} (delete the Job to run it again)")
+        if verified.get("message") != message:
+            kopf.warn(body, reason="VerifyJobFailed", message=message)
+        return set_condition(conditions, "Verified", "True", "ListingVerified", message, generation, now), ""
+    if report["fingerprint"] != fingerprint_:
+        # The objects hashed are not the ones listed: the periodic check sees the new listing and verifies again.
+        message = f"the artifact changed while Job {job_name} hashed it; it is verified again"
+        return set_condition(conditions, "Verified", "True", "ListingVerified", message, generation, now), ""
+    if report["problems"]:
+        return conditions, report["problems"]
+    kopf.info(body, reason="ContentVerified", message=f"Job {job_name}: {report['files']} files match their sha256")
+    return set_condition(conditions, "Verified", "True", "ContentVerified",
+                         f"{report['files']} files, {report['bytes']:,d} bytes match their sha256 (Job {job_name})",
+                         generation, now), ""
 
 
 async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body: dict) -> None:
@@ -139,9 +210,21 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
         return
     adapter: LoraAdapter = resource  # type: ignore[assignment]
     spec = adapter.spec
-    verified = next((c for c in conditions if c["type"] == "Verified"), None)
+    verified = _condition(conditions, "Verified")
     patch: dict[str, Any] = {}
-    if not (verified and verified["status"] == "True" and verified.get("observedGeneration") == generation):
+
+    async def fail(reason: str, problems: list[str]) -> None:
+        """Verification failed: not Ready, out of production; nothing is deleted."""
+        message = join_problems(problems, MESSAGE_LIMIT - 64)
+        message = ("artifact does not match its manifest: " if reason == "ChecksumMismatch"
+                   else "artifact is not a run's: ") + message
+        failed = set_condition(conditions, "Verified", "False", reason, message, generation, now)
+        failed = set_condition(failed, "Ready", "False", "NotVerified", message, generation, now)
+        demoted = await _demote_failed(client, body, status)
+        await write({"phase": "Failed", "message": capped(message), "conditions": failed, **demoted})
+        kopf.warn(body, reason="VerificationFailed", message=message)
+
+    if not (verified.get("status") == "True" and verified.get("observedGeneration") == generation):
         if parse_uri(spec.artifact.uri).scheme != "s3":
             # The operator mounts no volumes: pvc:// artifacts were checked by the trainer as it published them.
             conditions = set_condition(conditions, "Verified", "Unknown", "NotReadableByOperator",
@@ -160,39 +243,45 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
                 raise kopf.TemporaryError(message, delay=10) from exc
             manifest = checked.manifest
             if checked.problems:
-                message = join_problems(checked.problems, MESSAGE_LIMIT - 64)
-                message = ("artifact does not match its manifest: " if checked.reason == "ChecksumMismatch"
-                           else "artifact is not a run's: ") + message
-                conditions = set_condition(conditions, "Verified", "False", checked.reason, message,
-                                           generation, now)
-                conditions = set_condition(conditions, "Ready", "False", "NotVerified", message, generation, now)
-                demoted = await _demote_failed(client, body, status)
-                await write({"phase": "Failed", "message": capped(message), "conditions": conditions, **demoted})
-                kopf.warn(body, reason="VerificationFailed", message=message)
+                await fail(checked.reason, checked.problems)
                 return
-            conditions = set_condition(conditions, "Verified", "True", "ChecksumsMatch",
-                                       f"{len(manifest.files)} files, {manifest.total_size:,d} bytes match "
-                                       "their sha256", generation, now)
-            kopf.info(body, reason="Verified", message=f"{len(manifest.files)} files match the manifest")
+            conditions = set_condition(conditions, "Verified", "True", "ListingVerified",
+                                       f"{len(manifest.files)} files, {manifest.total_size:,d} bytes: the manifest's "
+                                       "sha256 and every file's size match; Job "
+                                       f"{verify_job_name(name, checked.fingerprint)} hashes their content",
+                                       generation, now)
+            kopf.info(body, reason="Verified", message=f"{len(manifest.files)} files match the manifest's listing")
             lineage = manifest.metadata.get("lineage") or {}
+            # Informational: an adapter vLLM cannot load still serves through PEFT (and Ollama).
+            serving, compat = await asyncio.to_thread(publication.at_publication, spec.adapter_name or name,
+                                                      spec.artifact.uri, spec.base_model.uri, manifest, storage)
+            conditions = set_condition(conditions, "ServingCompatible", *publication.condition(compat),
+                                       generation, now)
             layout = manifest.metadata.get("layout") or {}
             adapter_uri = f"{spec.artifact.uri}/{layout.get('adapter') or 'adapter'}"
             patch |= {"metrics": run_metrics(manifest), "adapterUri": adapter_uri,
                       "verifiedManifestSha256": checked.manifest_sha256, "artifactFingerprint": checked.fingerprint,
                       "lineage": {k: lineage.get(k) for k in ("fineTuneJob", "datasetUri", "datasetSha256",
+                                                              "validationDatasetUri", "validationDatasetSha256",
                                                               "baseModelUri", "baseModelRevision", "trainerImage",
                                                               "objective")},
-                      "serving": serving_hints(spec.adapter_name or name, adapter_uri, spec.base_model.uri)}
+                      "serving": serving}
             if layout.get("merged"):
                 patch["mergedModelUri"] = f"{spec.artifact.uri}/{layout['merged']}"
+    if _content_pending(conditions):
+        conditions, found = await _content_checked(client, settings, body, adapter, {**status, **patch},
+                                                   conditions, generation, now)
+        if found:
+            await fail("ChecksumMismatch", [found])
+            return
     if spec.merge.enabled and not (patch.get("mergedModelUri") or status.get("mergedModelUri")):
-        merged_uri, conditions = await _merged(client, settings, body, adapter, conditions, generation, now)
+        merged_uri, conditions = await _merged(client, settings, body, adapter, patch, conditions, generation, now)
         if merged_uri is None:
             return  # the merge Job runs (or failed, recorded): its events bring us back
         patch["mergedModelUri"] = merged_uri
     metrics = patch["metrics"] if "metrics" in patch else (status.get("metrics") or {})
     stage, conditions = _promote(spec.stage, status.get("stage") or "candidate", spec.evaluation_gate, metrics,
-                                 conditions, generation, now, body)
+                                 _content_pending(conditions), conditions, generation, now, body)
     # Labels first: once Ready is visible, `-l kubetune.dev/stage=production` finds it too.
     labels = meta.get("labels") or {}
     wanted = {LABEL_ADAPTER: spec.adapter_name or name, LABEL_STAGE: stage}
@@ -203,14 +292,15 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
 
 
 async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, adapter: LoraAdapter,
-                  conditions: list[dict], generation: int | None, now: str) -> tuple[str | None, list[dict]]:
+                  verified: dict[str, Any], conditions: list[dict], generation: int | None,
+                  now: str) -> tuple[str | None, list[dict]]:
     """The merged model's URI once a merge Job has published and it verifies; until then, run the
-    Job and record Merging (or its failure)."""
+    Job and record Merging (or its failure), with the verification's fields (verified)."""
     # the body's namespace, as reconcile_adapter reads it (the model's field is optional)
     namespace, name = body["metadata"]["namespace"], adapter.metadata.name
 
     async def write(patch: dict[str, Any]) -> None:
-        await write_adapter_status(client, namespace, name, generation, patch)
+        await write_adapter_status(client, namespace, name, generation, {**verified, **patch})
     merged_uri = f"{adapter.spec.artifact.uri}/{MERGED}"
     problems: list[str] = []
     if parse_uri(merged_uri).scheme == "s3":
@@ -218,7 +308,9 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
         checked = await asyncio.to_thread(_verify, merged_uri, storage, None, MODEL_MANIFEST)
         manifest, problems = checked.manifest, checked.problems
         if not problems:
-            message = f"{len(manifest.files)} files, {manifest.total_size:,d} bytes match their sha256"
+            # Listed, not hashed here: the merge Job computed each sha256 from the files it wrote.
+            message = (f"{len(manifest.files)} files, {manifest.total_size:,d} bytes: the merged manifest's files "
+                       "are all there at their sizes")
             return merged_uri, set_condition(conditions, "Merged", "True", "MergedModelVerified", message,
                                              generation, now)
     jobs = path_for("batch/v1", "jobs", namespace)
@@ -236,7 +328,8 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
             reason = "MergedModelInvalid"
             message = "the merged model does not match its manifest: " + "; ".join(problems)
         else:
-            pods = await client.list(path_for("v1", "pods", namespace), {LABEL_ADAPTER_OWNER: name})
+            pods = await client.list(path_for("v1", "pods", namespace),
+                                     {"batch.kubernetes.io/job-name": merge_job_name(name)})
             reason, detail = (failure_message(pods[-1]) if pods
                               else (finished["Failed"].get("reason", "MergeFailed"), ""))
             message = f"the merge Job failed: {detail or finished['Failed'].get('message', '')}"
@@ -261,9 +354,19 @@ def stage_decision(requested: str, current: str, gate: list[Threshold],
     return requested, []
 
 
-def _promote(requested: str, current: str, gate: list[Threshold], metrics: dict[str, float], conditions: list[dict],
-             generation: int | None, now: str, body: dict) -> tuple[str, list[dict]]:
+def _promote(requested: str, current: str, gate: list[Threshold], metrics: dict[str, float], content_pending: bool,
+             conditions: list[dict], generation: int | None, now: str, body: dict) -> tuple[str, list[dict]]:
     stage, problems = stage_decision(requested, current, gate, metrics)
+    if stage == "production" and content_pending:
+        # Production serves what was hashed, not only listed: until the verification Job reports,
+        # the adapter serves as a candidate (and a production one whose objects changed steps back).
+        message = "production waits for the content check: " + _condition(conditions, "Verified")["message"]
+        if current == "production":
+            kopf.warn(body, reason="Demoted", message=f"production -> candidate: {message}")
+        elif _condition(conditions, "Promoted").get("reason") != "ContentNotVerified":
+            kopf.info(body, reason="PromotionWaiting", message=message)
+        return "candidate", set_condition(conditions, "Promoted", "False", "ContentNotVerified", message, generation,
+                                          now)
     if problems:
         verb = "demoted to" if current == "production" else "promotion to production blocked, stays"
         message = f"{verb} {stage}: " + "; ".join(problems)

@@ -12,10 +12,18 @@ import hashlib
 import json
 from typing import Any
 
-from kubetune.api.finetunejob import FineTuneJob
+from kubetune.api.finetunejob import FineTuneJob, Tracking
 from kubetune.api.meta import API_VERSION
 from kubetune.api.uris import parse_uri
-from kubetune.contract import EXIT_CONFIG, EXIT_DATA, EXIT_PREEMPTED, RENDEZVOUS_HOST_ENV, RENDEZVOUS_PORT
+from kubetune.contract import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_PREEMPTED,
+    MLFLOW_BASIC_AUTH_KEYS,
+    MLFLOW_TOKEN_KEY,
+    RENDEZVOUS_HOST_ENV,
+    RENDEZVOUS_PORT,
+)
 from kubetune.controller.settings import OperatorSettings
 from kubetune.storage.config import REQUIRED_KEYS, SECRET_KEYS
 
@@ -94,8 +102,11 @@ def build_configmap(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, A
 def _claims(ftj: FineTuneJob) -> dict[str, bool]:
     """PVC claims the pod mounts, and whether each must be writable (the output's)."""
     claims: dict[str, bool] = {}
-    for uri, writable in ((ftj.spec.base_model.uri, False), (ftj.spec.dataset.uri, False),
-                          (ftj.spec.output.uri, True)):
+    spec = ftj.spec
+    for uri, writable in ((spec.base_model.uri, False), (spec.dataset.uri, False),
+                          (spec.dataset.validation_uri, False), (spec.output.uri, True)):
+        if uri is None:
+            continue
         parsed = parse_uri(uri)
         if parsed.scheme == "pvc":
             claims[parsed.authority] = claims.get(parsed.authority, False) or writable
@@ -125,9 +136,20 @@ def pod_env(settings: OperatorSettings, *, storage_secret: str | None, offline: 
     return env
 
 
+def tracking_env(tracking: Tracking | None) -> list[dict[str, Any]]:
+    """The MLflow credentials, as references to the Secret's keys, which MLflow's client reads from
+    the environment. Each is optional: planning checked the Secret holds a token or a username and
+    password (controller.secrets.check_tracking_secret), not which."""
+    ref = tracking.mlflow.secret_ref if tracking else None
+    if ref is None:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": True}}}
+            for key in (MLFLOW_TOKEN_KEY, *MLFLOW_BASIC_AUTH_KEYS)]
+
+
 def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     return pod_env(settings, storage_secret=ftj.spec.storage.secret_ref.name if ftj.spec.storage else None,
-                   offline=not ftj.spec.allow_hub_downloads)
+                   offline=not ftj.spec.allow_hub_downloads) + tracking_env(ftj.spec.tracking)
 
 
 def _resources(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:

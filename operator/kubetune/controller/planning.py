@@ -13,7 +13,7 @@ from minio.error import S3Error
 from kubetune.api import FineTuneJob
 from kubetune.api.uris import parse_uri
 from kubetune.controller.kube import KubeClient
-from kubetune.controller.secrets import NotReady, storage_config
+from kubetune.controller.secrets import NotReady, check_tracking_secret, storage_config
 from kubetune.controller.settings import OperatorSettings
 from kubetune.planning import ModelShape, RunPlan, plan_run
 from kubetune.storage.client import StorageUnavailable
@@ -51,5 +51,6 @@ async def model_shape(client: KubeClient, ftj: FineTuneJob) -> ModelShape | None
 
 async def plan_job(client: KubeClient, settings: OperatorSettings, ftj: FineTuneJob) -> RunPlan:
     """Raises NotReady (wait and retry) or DoesNotFit (refuse)."""
+    await check_tracking_secret(client, ftj.metadata.namespace or "default", ftj.spec.tracking)
     shape = await model_shape(client, ftj)
     return plan_run(ftj.spec, shape, ftj.spec.resources.gpu_memory_gib or settings.gpu_memory_gib)

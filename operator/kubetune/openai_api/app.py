@@ -228,13 +228,14 @@ async def file_content(request: web.Request) -> web.Response:
 async def delete_file(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     namespace, file_id = await _caller_namespace(request, "delete"), request.match_info["file_id"]
-    # A job that has not finished may still read its training file (a retry, a resume re-reads it).
+    # A job that has not finished may still read its files (a retry, a resume re-reads them).
     users = [j["metadata"]["name"] for j in await service.client.list(path_for(API_VERSION, FTJ, namespace))
-             if (j["metadata"].get("annotations") or {}).get(mapping.A_FILE) == file_id
+             if file_id in [(j["metadata"].get("annotations") or {}).get(a)
+                            for a in (mapping.A_FILE, mapping.A_VALIDATION_FILE)]
              and mapping.job_status(j) not in ("succeeded", "failed", "cancelled")]
     if users:
-        raise OpenAIError(409, f"file {file_id} is the training file of unfinished job(s) {', '.join(users)}; "
-                          "delete it once they end", param="file_id", code="file_in_use")
+        raise OpenAIError(409, f"file {file_id} is the training or validation file of unfinished job(s) "
+                          f"{', '.join(users)}; delete it once they end", param="file_id", code="file_in_use")
     if not await asyncio.to_thread(service.files.delete, namespace, file_id):
         raise not_found("file", file_id, "file_id")
     return _json({"id": file_id, "object": "file", "deleted": True})
@@ -261,6 +262,16 @@ async def _body(request: web.Request) -> Any:
         raise OpenAIError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from exc
 
 
+async def _uploaded(service: Service, namespace: str, file_id: str, param: str) -> mapping.UploadedFile:
+    """The stored upload a create request names in `param`; a 400 naming it when there is none."""
+    kind = await asyncio.to_thread(service.files.kind, namespace, file_id)
+    if kind is None:
+        raise OpenAIError(400, f"invalid {param}: no file {file_id!r} in namespace {namespace}", param=param,
+                          code=f"invalid_{param}")
+    suffix, file_format = kind
+    return mapping.UploadedFile(file_id, service.files.content_uri(namespace, file_id, suffix), file_format)
+
+
 async def create_job(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     namespace = await _caller_namespace(request, "create")
@@ -276,15 +287,11 @@ async def create_job(request: web.Request) -> web.Response:
     catalog = parse_catalog(await service.client.get(path_for("v1", "configmaps", catalog_ns, catalog_name)),
                             f"{catalog_ns}/{catalog_name}")
     entry = lookup(catalog, create.model)
-    kind = await asyncio.to_thread(service.files.kind, namespace, create.training_file)
-    if kind is None:
-        raise OpenAIError(400, f"invalid training_file: no file {create.training_file!r} in namespace {namespace}",
-                          param="training_file", code="invalid_training_file")
-    suffix, file_format = kind
+    training = await _uploaded(service, namespace, create.training_file, "training_file")
+    validation = (await _uploaded(service, namespace, create.validation_file, "validation_file")
+                  if create.validation_file is not None else None)
     job_id = "ftjob-" + secrets.token_hex(10)
-    doc = mapping.build_job(create, entry, namespace, job_id,
-                            service.files.content_uri(namespace, create.training_file, suffix), service.placement,
-                            file_format)
+    doc = mapping.build_job(create, entry, namespace, job_id, training, service.placement, validation)
     try:
         created = await service.client.create(path_for(API_VERSION, FTJ, namespace), doc)
     except ApiError as exc:

@@ -33,7 +33,8 @@ from kubetune.openai_api.models import (
 )
 
 PREFIX = "openai.kubetune.dev/"
-A_MODEL, A_FILE, A_SUFFIX, A_LR = (PREFIX + k for k in ("model", "training-file", "suffix", "lr-multiplier"))
+A_MODEL, A_FILE, A_VALIDATION_FILE, A_SUFFIX, A_LR = (
+    PREFIX + k for k in ("model", "training-file", "validation-file", "suffix", "lr-multiplier"))
 A_CANCELLED = CANCELLED_ANNOTATION  # the operator's own: it fails the job as Cancelled once its pods stopped
 CREATED_BY = {"app.kubernetes.io/created-by": "kubetune-openai-api"}
 RESULT_FILE_PREFIX = "file-result-"
@@ -45,6 +46,15 @@ PARAMS = {"spec.training.epochs": "hyperparameters.n_epochs", "spec.training.bat
           "spec.training.learningRate": "hyperparameters.learning_rate_multiplier",
           "spec.training.seed": "seed", "spec.output.adapterName": "suffix",
           "spec.objective.dpo.beta": "method.dpo.hyperparameters.beta"}
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A stored upload a job names: the URI the FineTuneJob reads and the format its upload check
+    detected (None for files stored before formats were recorded)."""
+    id: str
+    uri: str
+    format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,35 +77,45 @@ def adapter_name(model: str, suffix: str | None, job_id: str) -> str:
     return "-".join(p for p in parts if p)[:253]
 
 
-def _check_file_fits(method: str, file_format: str | None, file_id: str) -> None:
+def _check_file_fits(method: str, file: UploadedFile, param: str) -> None:
     """Uploads are checked before any job names them, so the file's detected format is matched to
     the method here: a dpo job needs preference pairs, a supervised one anything but."""
-    if file_format is None:
+    if file.format is None:
         return  # stored before formats were recorded: the trainer's own check decides
-    preference = file_format.startswith("preference")
+    preference = file.format.startswith("preference")
     if method == "dpo" and not preference:
-        raise OpenAIError(400, f"training_file {file_id!r} is a {file_format} dataset; method dpo needs "
-                          "preference pairs (prompt, chosen, rejected)", param="training_file",
-                          code="invalid_training_file")
+        raise OpenAIError(400, f"{param} {file.id!r} is a {file.format} dataset; method dpo needs "
+                          "preference pairs (prompt, chosen, rejected)", param=param, code=f"invalid_{param}")
     if method == "supervised" and preference:
-        raise OpenAIError(400, f"training_file {file_id!r} holds preference pairs; use method dpo, or a "
-                          "supervised dataset", param="training_file", code="invalid_training_file")
+        raise OpenAIError(400, f"{param} {file.id!r} holds preference pairs; use method dpo, or a "
+                          "supervised dataset", param=param, code=f"invalid_{param}")
 
 
-def build_job(request: JobCreate, entry: CatalogEntry, namespace: str, job_id: str, training_uri: str,
-              placement: Placement, file_format: str | None = None) -> dict[str, Any]:
+def _dataset(method: str, training: UploadedFile, validation: UploadedFile | None) -> dict[str, Any]:
+    """spec.dataset: the training file, and the validation file as the hold-out in place of a split
+    of the training file (the catalog's validationSplit is then 0, as the spec requires)."""
+    _check_file_fits(method, training, "training_file")
+    if validation is None:
+        return {"uri": training.uri}
+    _check_file_fits(method, validation, "validation_file")
+    if None not in (training.format, validation.format) and validation.format != training.format:
+        # The trainer refuses it too; here it is a 400 before anything is created.
+        raise OpenAIError(400, f"validation_file {validation.id!r} is a {validation.format} dataset but "
+                          f"training_file {training.id!r} is {training.format}; a validation file must have the "
+                          "training file's format", param="validation_file", code="invalid_validation_file")
+    return {"uri": training.uri, "validationUri": validation.uri, "validationSplit": 0.0}
+
+
+def build_job(request: JobCreate, entry: CatalogEntry, namespace: str, job_id: str, training_file: UploadedFile,
+              placement: Placement, validation: UploadedFile | None = None) -> dict[str, Any]:
     """The FineTuneJob a create request asks for, validated by the same models the operator uses;
     a request the operator would refuse is a 400 here, before anything is created.
-    file_format: what the training file's upload check detected."""
-    if request.validation_file is not None:
-        raise OpenAIError(400, "validation_file is not supported: kubetune holds out a seeded fraction of the "
-                          "training file (the catalog's dataset.validationSplit) for evaluation",
-                          param="validation_file", code="unsupported")
+    training_file, validation: the stored uploads request.training_file and request.validation_file name."""
     method = request.method.type if request.method else "supervised"
     if method not in ("supervised", "dpo"):
         raise OpenAIError(400, f"method {method!r} is not available on this cluster; use 'supervised' or 'dpo'",
                           param="method.type", code="unsupported")
-    _check_file_fits(method, file_format, request.training_file)
+    dataset = _dataset(method, training_file, validation)
     hyper = request.hyperparameters
     settings = request.method and (request.method.supervised if method == "supervised" else request.method.dpo)
     if settings:
@@ -124,13 +144,15 @@ def build_job(request: JobCreate, entry: CatalogEntry, namespace: str, job_id: s
         training["seed"] = request.seed
     spec = _merge(defaults, {
         "baseModel": entry.base_model.model_dump(by_alias=True, exclude_none=True),
-        "dataset": {"uri": training_uri},
+        "dataset": dataset,
         "training": training,
         **({"objective": objective} if objective else {}),
         "output": {"uri": placement.output_uri, "adapterName": adapter_name(request.model, request.suffix, job_id)},
         "storage": {"secretRef": {"name": placement.storage_secret}},
     })
     annotations = {A_MODEL: request.model, A_FILE: request.training_file, A_LR: repr(multiplier)}
+    if validation is not None:
+        annotations[A_VALIDATION_FILE] = validation.id
     if request.suffix:
         annotations[A_SUFFIX] = request.suffix
     doc = {"apiVersion": API_VERSION, "kind": "FineTuneJob",
@@ -211,6 +233,7 @@ def job_object(ftj: dict, trained_tokens: int | None = None) -> FineTuningJob:
         result_files=[RESULT_FILE_PREFIX + meta["name"]] if state == "succeeded" else [],
         seed=training.get("seed", defaults.seed), status=state, trained_tokens=trained_tokens,
         training_file=annotations.get(A_FILE) or (spec.get("dataset") or {}).get("uri", ""),
+        validation_file=annotations.get(A_VALIDATION_FILE) or (spec.get("dataset") or {}).get("validationUri"),
         estimated_finish=updated + eta if state == "running" and updated and eta is not None else None,
         method=method,
         user_provided_suffix=annotations.get(A_SUFFIX))

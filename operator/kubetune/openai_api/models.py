@@ -51,7 +51,7 @@ class Method(Strict):
 class JobCreate(Strict):
     model: str = Field(min_length=1, max_length=253)
     training_file: str = Field(min_length=1, max_length=128)
-    validation_file: str | None = None
+    validation_file: str | None = Field(default=None, min_length=1, max_length=128)
     suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9-]*$")
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     hyperparameters: Hyperparameters | None = None

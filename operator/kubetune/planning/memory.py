@@ -13,6 +13,12 @@ DPO (objective dpo) trains on two sequences per example (prompt + chosen, prompt
 runs a second forward per step for the reference (the base, the adapter disabled: no second copy
 of the weights). That forward keeps nothing for backward, but it runs while the policy's
 activations are held: one layer's working set and its logits come on top of them.
+
+Training is not the only phase on the GPU: the hold-out loss (before training, at every checkpoint
+and at the end) and, with exact match, generation run beside the frozen base and the LoRA state.
+The hold-out loss runs at the plan's micro-batch through the fused (tiled) LM head, keeping one
+layer's working set; generation holds the KV cache of its batch at prompt plus new tokens. The
+phases follow one another, so the peak is the largest of the three.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ LOGIT_BYTES_PER_ENTRY = 2 + 4 + 4 + 2  # bf16 logits, fp32 upcast and its gradie
 # Fused LM head + cross-entropy: chunks of about hidden/vocab of the tokens at a time (fp32 logits
 # and gradient), plus the hidden states' gradient: a few bytes per token per hidden unit.
 FUSED_LOGIT_BYTES_PER_TOKEN_HIDDEN = 4 * 2 * 2 + 2
+# TRL's fused LM head scores 4,096 tokens against 32,768 vocabulary entries at a time (bf16 tile),
+# keeping a few fp32 running statistics per token.
+LOGPROB_TILE = (4096, 32768)
+LOGPROB_STAT_BYTES_PER_TOKEN = 8 * 4
 RUNTIME_OVERHEAD_BYTES = 1.0 * GiB  # CUDA context, cuBLAS workspaces, kernels
 FRAGMENTATION = 1.08  # caching allocator slack observed at peak
 
@@ -85,15 +95,28 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes. The terms are training's; training, evaluation and generation are each phase's peak
+    (overhead and fragmentation included, 0 for a phase the run does not have), total the largest."""
     weights: float
     trainable: float
     activations: float
     logits: float
-    total: float  # bytes, overhead and fragmentation included
+    training: float
+    evaluation: float
+    generation: float
+
+    @property
+    def total(self) -> float:
+        return max(self.training, self.evaluation, self.generation)
 
     @property
     def total_gib(self) -> float:
         return self.total / GiB
+
+    def phases(self) -> str:
+        """Each phase's peak, for the plan's explanation."""
+        named = (("training", self.training), ("hold-out evaluation", self.evaluation), ("generation", self.generation))
+        return ", ".join(f"{name} {value / GiB:.1f}" for name, value in named if value)
 
 
 def lora_parameters(shape: ModelShape, r: int, targets: list[str]) -> int:
@@ -131,15 +154,37 @@ def _weight_bytes(shape: ModelShape, quantized: bool, shards: int) -> float:
     return linear + shape.embedding_params * BF16
 
 
+def _phase(resident: float, working: float) -> float:
+    return (resident + working) * FRAGMENTATION + RUNTIME_OVERHEAD_BYTES
+
+
+def _evaluation_bytes(shape: ModelShape, per_token_layer: int, tokens: int) -> float:
+    """The hold-out loss's forward (no gradients): one layer's working set, the last hidden states
+    with the copy the fused head scores, and its tile."""
+    tile = min(tokens, LOGPROB_TILE[0]) * min(shape.vocab, LOGPROB_TILE[1]) * BF16
+    return tokens * (per_token_layer + 2 * BF16 * shape.hidden + LOGPROB_STAT_BYTES_PER_TOKEN) + tile
+
+
+def _generation_bytes(shape: ModelShape, per_token_layer: int, batch: int, prompt: int, new_tokens: int) -> float:
+    """Greedy generation: the KV cache of the batch at prompt plus new tokens, and the prompt's
+    forward (one layer's working set; logits of the last position only, with their fp32 copies)."""
+    kv_cache = 2 * shape.layers * shape.kv_dim * BF16 * batch * (prompt + new_tokens)
+    return kv_cache + per_token_layer * batch * prompt + batch * shape.vocab * (BF16 + 2 * 4)
+
+
 def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_targets: list[str],
                     micro_batch: int, seq_len: int, checkpointing: bool, fused_kernels: bool,
-                    shards: int = 1, preference: bool = False) -> MemoryEstimate:
+                    shards: int = 1, preference: bool = False, generation_tokens: int = 0) -> MemoryEstimate:
     """shards: the GPUs that share the base weights and the LoRA state (FSDP); 1 replicates them (DDP).
-    preference: DPO, where micro_batch counts pairs (two sequences each) and a reference forward runs."""
+    preference: DPO, where micro_batch counts pairs (two sequences each) and a reference forward runs.
+    The hold-out loss (SFT) runs at micro_batch rows of seq_len (hold-out examples are truncated to
+    it); generation_tokens: new tokens per prompt for exact match, generated micro_batch prompts at
+    a time (0: no generation)."""
     weights = _weight_bytes(shape, quantized, shards)
     trainable = lora_parameters(shape, lora_r, lora_targets) * TRAINABLE_BYTES_PER_PARAM / shards
     tokens = micro_batch * seq_len * (2 if preference else 1)
-    per_layer = _activation_bytes_per_token_layer(shape, lora_targets, fused_kernels) * tokens
+    layer_bytes = _activation_bytes_per_token_layer(shape, lora_targets, fused_kernels)
+    per_layer = layer_bytes * tokens
     if checkpointing:
         activations = shape.layers * BF16 * shape.hidden * tokens + per_layer
     else:
@@ -153,5 +198,9 @@ def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_tar
         # The reference forward: one layer's working set, and logits without their gradients.
         activations += per_layer
         logits *= 1.5
-    total = (weights + trainable + activations + logits) * FRAGMENTATION + RUNTIME_OVERHEAD_BYTES
-    return MemoryEstimate(weights, trainable, activations, logits, total)
+    resident = weights + trainable  # the optimizer's state stays between steps, through every evaluation
+    evaluation = 0.0 if preference else _phase(resident, _evaluation_bytes(shape, layer_bytes, micro_batch * seq_len))
+    generation = _phase(resident, _generation_bytes(shape, layer_bytes, micro_batch, seq_len, generation_tokens)) \
+        if generation_tokens else 0.0
+    return MemoryEstimate(weights, trainable, activations, logits, _phase(resident, activations + logits),
+                          evaluation, generation)

@@ -47,7 +47,8 @@ class RunPlan:
         if self.sharded:
             text += f", base model sharded over {self.world_size} GPUs (FSDP)"
         if self.estimate is not None and self.gpu_memory_gib:
-            text += f", about {self.estimate.total_gib:.1f} of {self.gpu_memory_gib:g} GiB per GPU"
+            text += (f", about {self.estimate.total_gib:.1f} of {self.gpu_memory_gib:g} GiB per GPU "
+                     f"(peaks in GiB: {self.estimate.phases()})")
         return text
 
 
@@ -60,7 +61,8 @@ def _estimate(spec: FineTuneJobSpec, shape: ModelShape, micro: int, checkpointin
     return estimate_memory(shape, quantized=spec.method == "qlora" if quantized is None else quantized,
                            lora_r=spec.lora.r, lora_targets=list(spec.lora.target_modules), micro_batch=micro,
                            seq_len=seq_len or spec.training.max_seq_length, checkpointing=checkpointing,
-                           fused_kernels=fused, shards=shards, preference=spec.objective.type == "dpo")
+                           fused_kernels=fused, shards=shards, preference=spec.objective.type == "dpo",
+                           generation_tokens=spec.evaluation.max_new_tokens if spec.evaluation.exact_match else 0)
 
 
 def plan_run(spec: FineTuneJobSpec, shape: ModelShape | None, gpu_memory_gib: float | None, *,

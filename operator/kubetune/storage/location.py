@@ -68,6 +68,7 @@ class Location(Protocol):
     def put_bytes(self, rel: str, data: bytes) -> None: ...
     def get_bytes(self, rel: str) -> bytes: ...
     def get_file(self, rel: str, dest: Path, *, size: int | None = None, sha256: str | None = None) -> None: ...
+    def sha256(self, rel: str) -> str: ...
     def list(self, rel_prefix: str = "") -> list[ObjectInfo]: ...
     def delete_prefix(self, rel_prefix: str) -> int: ...
     # builtins.list: in a class body that defines list(), `list` names the method
@@ -130,6 +131,12 @@ class LocalLocation:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, dest)
         _check(dest, f"{self.uri}/{rel}", size, sha256)
+
+    def sha256(self, rel: str) -> str:
+        source = self._path(rel)
+        if not source.is_file():
+            raise ObjectMissing(f"{self.uri}/{rel}")
+        return sha256_file(source)
 
     def list(self, rel_prefix: str = "") -> list[ObjectInfo]:
         base = self._path(rel_prefix) if rel_prefix else self.root
@@ -247,6 +254,24 @@ class S3Location:
             part.unlink(missing_ok=True)  # a corrupt partial must not be resumed from
             raise
         os.replace(part, dest)
+
+    def sha256(self, rel: str) -> str:
+        """The object's sha256, streamed: nothing is written to disk and memory stays one chunk."""
+        def stream() -> str:
+            # A retry starts the digest again: it cannot resume from a hash state.
+            digest = hashlib.sha256()
+            response = self.client.get_object(self.bucket, self._key(rel))
+            try:
+                for block in response.stream(_CHUNK):
+                    digest.update(block)
+            finally:
+                response.close()
+                response.release_conn()
+            return digest.hexdigest()
+        try:
+            return self._retry(f"download {self.uri}/{rel}", stream)
+        except S3Error as exc:
+            raise self._missing(exc, rel) from exc
 
     def list(self, rel_prefix: str = "") -> list[ObjectInfo]:
         base = self._key(rel_prefix)

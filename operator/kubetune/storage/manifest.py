@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.meta import API_VERSION, now_rfc3339
-from kubetune.storage.location import Location, ObjectMissing, sha256_file
+from kubetune.storage.location import Location, ObjectInfo, ObjectMissing, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -73,26 +72,34 @@ def read_manifest(location: Location, name: str = MANIFEST) -> Manifest:
     return Manifest.from_json(location.get_bytes(name))
 
 
-def verify(location: Location, manifest: Manifest) -> list[str]:
-    """Problems with the objects a manifest lists: missing, wrong size or wrong sha256."""
+def listing_problems(manifest: Manifest, listing: list[ObjectInfo]) -> list[str]:
+    """What one listing shows wrong with the objects a manifest lists: missing, or of another size.
+
+    ETags are not compared with the manifest: an ETag is the MD5 of the content only for a
+    single-part upload without SSE-KMS; a multipart upload's is a digest of its parts' MD5s, which
+    depends on the part size, so a faithful copy made by another tool (or with another part size)
+    would differ while its content is right. The ETags a listing reports are kept instead as the
+    artifact's fingerprint: a later listing that differs says something was rewritten."""
+    present = {o.rel: o.size for o in listing}
     problems: list[str] = []
-    present = {o.rel: o.size for o in location.list()}
     for entry in manifest.files:
         if entry.path not in present:
             problems.append(f"{entry.path}: missing")
         elif present[entry.path] != entry.size:
             problems.append(f"{entry.path}: size {present[entry.path]} != {entry.size}")
+    return problems
+
+
+def verify(location: Location, manifest: Manifest) -> list[str]:
+    """Problems with the objects a manifest lists: missing or wrong size (from one listing), then
+    wrong sha256 (each object streamed through the digest, never written to disk)."""
+    problems = listing_problems(manifest, location.list())
     if problems:
         return problems
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in manifest.files:
-            target = Path(tmp) / "object"
-            try:
-                location.get_file(entry.path, target)
-            except ObjectMissing:
-                problems.append(f"{entry.path}: missing")
-                continue
-            if sha256_file(target) != entry.sha256:
+    for entry in manifest.files:
+        try:
+            if location.sha256(entry.path) != entry.sha256:
                 problems.append(f"{entry.path}: sha256 mismatch")
-            target.unlink()
+        except ObjectMissing:
+            problems.append(f"{entry.path}: missing")
     return problems

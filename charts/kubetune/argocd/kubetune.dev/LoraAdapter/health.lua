@@ -34,7 +34,12 @@ end
 if status.conditions ~= nil then
   for _, c in ipairs(status.conditions) do
     if c.type == "Promoted" and c.status == "False" then
-      hs.status = "Degraded"
+      -- Waiting for the verification Job to hash the content: production comes once it reports.
+      if c.reason == "ContentNotVerified" then
+        hs.status = "Progressing"
+      else
+        hs.status = "Degraded"
+      end
       hs.message = c.message
       return hs
     end
