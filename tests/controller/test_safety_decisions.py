@@ -244,3 +244,11 @@ def test_a_job_held_by_kueue_quotes_its_workload(workload, expected):
     job = {"metadata": {"uid": "j"}, "spec": {"suspend": True}, "status": {}}
     obs = observe(False, job, [], workload)
     assert (obs.phase, obs.reason, obs.message) == ("Queued", *expected)
+
+
+def test_a_negative_eta_from_the_trainer_is_recorded_as_zero_so_the_status_write_is_accepted():
+    # A run resumed past its planned steps reported step 32 of 30 and an ETA of -3 s; the CRD's
+    # schema refuses a negative etaSeconds, and every status write of the job was refused with it.
+    progress = {"phase": "training", "step": 32, "totalSteps": 30, "etaSeconds": -3}
+    patch = status_patch({}, Observation("Running", "Running", "", progress=progress), 1, "2026-01-01T00:00:00Z")
+    assert (patch["progress"]["etaSeconds"], patch["progress"]["percent"]) == (0, 100)

@@ -121,7 +121,7 @@ class LoopCallback(TrainerCallback):
         eta = None
         if done and elapsed > 0:
             self.tokens_per_second = round((self.counter.loss_tokens - self._tokens0) / elapsed, 1)
-            eta = int(elapsed / done * (state.max_steps - state.global_step))
+            eta = int(elapsed / done * max(0, state.max_steps - state.global_step))
         self.reporter.report(ProgressReport(
             "training", state.global_step, state.max_steps, round(state.epoch or 0, 4), self.last_loss,
             self.eval_loss, self.tokens_per_second, eta, self.last_checkpoint), force=force)

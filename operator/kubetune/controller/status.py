@@ -303,6 +303,13 @@ def observe(spec_suspend: bool, job: dict | None, pods: list[dict], workload: di
     return obs
 
 
+def _not_negative(value: Any) -> Any:
+    """The trainer's figures are reports, not input to trust: the schema refuses a negative ETA (a
+    run resumed past its planned steps computed one), and a refused status write would stop the
+    job's status from being recorded at all."""
+    return max(0, value) if isinstance(value, int | float) else value
+
+
 def status_patch(current: dict, obs: Observation, generation: int | None, now: str) -> dict[str, Any]:
     """The merge patch for status.* that records an observation."""
     conditions = current.get("conditions") or []
@@ -328,7 +335,7 @@ def status_patch(current: dict, obs: Observation, generation: int | None, now: s
             "percent": min(100, int(100 * step / total)) if total else 0,
             "epoch": obs.progress.get("epoch"), "loss": obs.progress.get("loss"),
             "evalLoss": obs.progress.get("evalLoss"), "tokensPerSecond": obs.progress.get("tokensPerSecond"),
-            "etaSeconds": obs.progress.get("etaSeconds"), "updatedAt": obs.progress.get("updatedAt")}
+            "etaSeconds": _not_negative(obs.progress.get("etaSeconds")), "updatedAt": obs.progress.get("updatedAt")}
         if obs.phase == "Succeeded":
             patch["progress"]["percent"] = 100
     if obs.last_checkpoint:
