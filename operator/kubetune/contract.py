@@ -15,6 +15,8 @@ EXIT_CONFIG = 78  # EX_CONFIG: the spec, model or credentials are unusable; retr
 PROGRESS_ANNOTATION = "kubetune.dev/progress"
 # The run's per-step history, at the root of its artifact and listed in its manifest.
 HISTORY_FILE = "history.jsonl"
+# Where a LoraAdapter's merge Job publishes its merged model (with its own manifest), under the artifact.
+MERGED_DIR = "merged"
 
 # Multi-node runs: torchrun's rendezvous on pod 0 of the Indexed Job, through the headless Service.
 RENDEZVOUS_HOST_ENV = "KUBETUNE_RENDEZVOUS_HOST"

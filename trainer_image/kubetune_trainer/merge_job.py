@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubetune.api.finetunejob import BaseModelSource
+from kubetune.contract import MERGED_DIR
 from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import open_location
 from kubetune.storage.manifest import MANIFEST, Manifest, describe_dir, publish, read_manifest
@@ -23,7 +24,6 @@ from kubetune_trainer.modeling import merge_adapter
 from kubetune_trainer.sources import resolve_model
 
 log = logging.getLogger(__name__)
-MERGED = "merged"
 
 
 class MergeSpec(BaseModel):
@@ -48,7 +48,7 @@ def run_merge(spec: MergeSpec) -> tuple[str, str]:
     adapter_files = [f for f in run.files if f.path.startswith(prefix)]
     if not adapter_files:
         raise ConfigError(f"{spec.artifact_uri}/{MANIFEST} lists no {prefix} files")
-    adapter_dir, out_dir = work / "adapter", work / MERGED
+    adapter_dir, out_dir = work / "adapter", work / MERGED_DIR
     shutil.rmtree(out_dir, ignore_errors=True)
     for entry in adapter_files:
         artifact.get_file(entry.path, adapter_dir / entry.path[len(prefix):], size=entry.size, sha256=entry.sha256)
@@ -58,7 +58,7 @@ def run_merge(spec: MergeSpec) -> tuple[str, str]:
     manifest = Manifest("ModelManifest", describe_dir(out_dir), {"mergedFrom": {
         "artifactUri": spec.artifact_uri, "baseModelUri": source.uri, "baseModelRevision": source.revision,
         "dtype": str(dtype).removeprefix("torch.")}})
-    target = artifact.child(MERGED)
+    target = artifact.child(MERGED_DIR)
     digest = publish(target, manifest, out_dir)
     log.info("published %s/%s (sha256 %s)", target.uri, MANIFEST, digest)
     return f"{target.uri}/{MANIFEST}", digest

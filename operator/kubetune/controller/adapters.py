@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from kubetune.api.loraadapter import Threshold
 from kubetune.api.meta import now_rfc3339
 from kubetune.api.uris import parse_uri
 from kubetune.api.validation import validate_object
+from kubetune.contract import MERGED_DIR
 from kubetune.controller.artifacts import RUN_MANIFEST, UnsafeManifest, deletion_keys, fingerprint
 from kubetune.controller.kube import KubeClient, path_for
 from kubetune.controller.merging import build_merge_objects, build_verify_objects, merge_job_name, verify_job_name
@@ -27,6 +29,7 @@ from kubetune.controller.status import (
     MESSAGE_LIMIT,
     capped,
     failure_message,
+    job_outcome,
     join_problems,
     set_condition,
     termination,
@@ -38,7 +41,6 @@ from kubetune.storage.manifest import MANIFEST, Manifest, listing_problems
 
 LABEL_ADAPTER = "kubetune.dev/adapter"
 LABEL_STAGE = "kubetune.dev/stage"
-MERGED = "merged"  # where a merge Job publishes, under the artifact
 MODEL_MANIFEST = "ModelManifest"  # what a merge Job publishes
 
 
@@ -139,8 +141,7 @@ def content_report(job: dict, pods: list[dict]) -> dict | None:
     """What a finished verification Job found, from its pod's termination message: None while it
     runs, {"failed": (reason, message)} if it could not verify (storage unreachable, out of memory),
     else the report run_verify writes (fingerprint, files, bytes, problems)."""
-    finished = {c.get("type") for c in (job.get("status") or {}).get("conditions") or []
-                if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")}
+    finished = job_outcome(job.get("status"))
     if "Complete" in finished:
         reports = [m for p in pods if (m := termination(p)[2]).get("fingerprint") is not None]
         if reports:
@@ -151,6 +152,22 @@ def content_report(job: dict, pods: list[dict]) -> dict | None:
     return None
 
 
+async def _job_of(client: KubeClient, body: dict, job_name: str, created_reason: str,
+                  build: Callable[[], tuple[dict, dict]]) -> dict:
+    """An adapter's merge or verification Job: the one that exists (a restarted operator adopts it),
+    else created with its spec ConfigMap from build()."""
+    namespace = body["metadata"]["namespace"]
+    jobs = path_for("batch/v1", "jobs", namespace)
+    job = await client.get(f"{jobs}/{job_name}")
+    if job is None:
+        configmap, desired = build()
+        await create_or_adopt(client, path_for("v1", "configmaps", namespace), configmap)
+        job, created = await create_or_adopt(client, jobs, desired)
+        if created:
+            kopf.info(body, reason=created_reason, message=f"created Job {job_name}")
+    return job
+
+
 async def _content_checked(client: KubeClient, settings: OperatorSettings, body: dict, adapter: LoraAdapter,
                            status: dict, conditions: list[dict], generation: int | None,
                            now: str) -> tuple[list[dict], str]:
@@ -159,15 +176,8 @@ async def _content_checked(client: KubeClient, settings: OperatorSettings, body:
     namespace, name = body["metadata"]["namespace"], adapter.metadata.name
     fingerprint_ = status.get("artifactFingerprint") or ""
     job_name = verify_job_name(name, fingerprint_)
-    jobs = path_for("batch/v1", "jobs", namespace)
-    job = await client.get(f"{jobs}/{job_name}")
-    if job is None:
-        configmap, job = build_verify_objects(adapter, settings, status.get("verifiedManifestSha256") or "",
-                                              fingerprint_)
-        await create_or_adopt(client, path_for("v1", "configmaps", namespace), configmap)
-        job, created = await create_or_adopt(client, jobs, job)
-        if created:
-            kopf.info(body, reason="VerifyJobCreated", message=f"created Job {job_name}")
+    job = await _job_of(client, body, job_name, "VerifyJobCreated", lambda: build_verify_objects(
+        adapter, settings, status.get("verifiedManifestSha256") or "", fingerprint_))
     pods = await client.list(path_for("v1", "pods", namespace), {"batch.kubernetes.io/job-name": job_name})
     report = content_report(job, pods)
     verified = _condition(conditions, "Verified")
@@ -301,7 +311,7 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
 
     async def write(patch: dict[str, Any]) -> None:
         await write_adapter_status(client, namespace, name, generation, {**verified, **patch})
-    merged_uri = f"{adapter.spec.artifact.uri}/{MERGED}"
+    merged_uri = f"{adapter.spec.artifact.uri}/{MERGED_DIR}"
     problems: list[str] = []
     if parse_uri(merged_uri).scheme == "s3":
         storage = await storage_config(client, namespace, adapter.spec.storage)
@@ -313,16 +323,9 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
                        "are all there at their sizes")
             return merged_uri, set_condition(conditions, "Merged", "True", "MergedModelVerified", message,
                                              generation, now)
-    jobs = path_for("batch/v1", "jobs", namespace)
-    job = await client.get(f"{jobs}/{merge_job_name(name)}")
-    if job is None:
-        configmap, job = build_merge_objects(adapter, settings)
-        await create_or_adopt(client, path_for("v1", "configmaps", namespace), configmap)
-        job, created = await create_or_adopt(client, jobs, job)
-        if created:
-            kopf.info(body, reason="MergeJobCreated", message=f"created Job {merge_job_name(name)}")
-    finished = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []
-                if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")}
+    job = await _job_of(client, body, merge_job_name(name), "MergeJobCreated",
+                        lambda: build_merge_objects(adapter, settings))
+    finished = job_outcome(job.get("status"))
     if finished:
         if "Complete" in finished:  # it published, yet what it published does not verify
             reason = "MergedModelInvalid"

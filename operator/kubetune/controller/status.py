@@ -82,10 +82,14 @@ def _job_condition(job: dict, type_: str) -> dict | None:
     return None
 
 
+def job_outcome(job_status: Mapping[str, Any] | None) -> dict[str, dict]:
+    """A batch/v1 Job status's true Complete or Failed condition, by type; empty while it runs."""
+    return {c["type"]: c for c in (job_status or {}).get("conditions") or []
+            if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")}
+
+
 def job_finished(job_status: Mapping[str, Any] | None) -> bool:
-    """A batch/v1 Job status with a true Complete or Failed condition."""
-    return any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
-               for c in (job_status or {}).get("conditions") or [])
+    return bool(job_outcome(job_status))
 
 
 def termination(pod: dict) -> tuple[int | None, str | None, dict]:

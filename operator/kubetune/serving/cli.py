@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from kubetune.contract import MERGED_DIR
 from kubetune.serving.manifests import TARGETS, NotServable, serve_manifests, to_yaml
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.config import StorageConfig
@@ -25,7 +26,6 @@ from kubetune.storage.location import IntegrityError, Location, ObjectMissing, o
 from kubetune.storage.manifest import FileEntry, Manifest, read_manifest
 
 PARTS = ("adapter", "merged", "gguf")
-MERGED = "merged"  # where a merge Job publishes, under the artifact (controller.adapters.MERGED)
 
 
 class PullError(Exception):
@@ -54,7 +54,7 @@ def merge_job_model(location: Location, manifest: Manifest, only: str | None) ->
             or only not in (None, "merged"):
         return None
     try:
-        merged = read_manifest(location.child(MERGED))
+        merged = read_manifest(location.child(MERGED_DIR))
     except ObjectMissing:
         return None
     return merged if merged.kind == "ModelManifest" else None
@@ -100,8 +100,8 @@ def pull(uri: str, dest: Path, only: str | None, storage: StorageConfig | None,
     written = pull_files(location, entries, dest)
     merged = merge_job_model(location, manifest, only)
     if merged is not None:
-        written += pull_files(location.child(MERGED), merged.files, dest / MERGED)
-        entries += [FileEntry(f"{MERGED}/{f.path}", f.size, f.sha256) for f in merged.files]
+        written += pull_files(location.child(MERGED_DIR), merged.files, dest / MERGED_DIR)
+        entries += [FileEntry(f"{MERGED_DIR}/{f.path}", f.size, f.sha256) for f in merged.files]
     elif only == "merged" and not entries:
         raise PullError(f"{uri}: no merged model, neither in the run nor from a merge Job")
     return entries, written
