@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
+from minio.deleteobjects import DeleteObject
 
 from kubetune.local.s3server import S3Server
 from kubetune.storage.client import make_client
@@ -29,11 +31,18 @@ def store_env(s3_server, monkeypatch):
 
 
 @pytest.fixture
-def s3_bucket(s3_server) -> S3Location:
-    """A fresh, empty bucket for one test."""
-    location = S3Location(make_client(s3_server.config), f"t-{uuid.uuid4().hex[:12]}", "")
+def s3_bucket(s3_server) -> Iterator[S3Location]:
+    """A fresh, empty bucket for one test, removed after it so the session's server stays small."""
+    client = make_client(s3_server.config)
+    location = S3Location(client, f"t-{uuid.uuid4().hex[:12]}", "")
     location.ensure_ready()
-    return location
+    yield location
+    if client.bucket_exists(location.bucket):
+        objects = client.list_objects(location.bucket, recursive=True, include_version=True)
+        failed = list(client.remove_objects(location.bucket, (
+            DeleteObject(o.object_name, o.version_id) for o in objects)))
+        assert not failed, failed
+        client.remove_bucket(location.bucket)
 
 
 @pytest.fixture(scope="session")

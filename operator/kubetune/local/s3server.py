@@ -76,7 +76,10 @@ class S3Server:
         cmd = [weed_binary(), "server", "-s3", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
                f"-filer.port={self.ports['filer']}", f"-s3.port={self.s3_port}", f"-s3.config={identities}",
-               "-volume.max=0", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+               # Each bucket is a collection of 7 volumes. With -volume.max=0 SeaweedFS sizes the pool from
+               # free disk (about 110 buckets on 45 GB free), and a long test session ran out: every put
+               # answered InternalError. Volumes are not preallocated, so a fixed pool costs no disk.
+               "-volume.max=2000", "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
                # Catalog endpoints we do not use listen on fixed ports: off, so servers can run side by side.
                "-s3.port.iceberg=0", "-s3.port.lance=0"]
         self.process = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
