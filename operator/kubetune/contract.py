@@ -17,6 +17,9 @@ PROGRESS_ANNOTATION = "kubetune.dev/progress"
 HISTORY_FILE = "history.jsonl"
 # Where a LoraAdapter's merge Job publishes its merged model (with its own manifest), under the artifact.
 MERGED_DIR = "merged"
+# GGUF files (llama.cpp, Ollama): under the artifact when the run wrote them, under MERGED_DIR when a
+# merge Job did.
+GGUF_DIR = "gguf"
 
 # Multi-node runs: torchrun's rendezvous on pod 0 of the Indexed Job, through the headless Service.
 RENDEZVOUS_HOST_ENV = "KUBETUNE_RENDEZVOUS_HOST"

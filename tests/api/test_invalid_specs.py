@@ -171,6 +171,7 @@ ADAPTER_CASES = [
     ({"artifact": {"uri": "pvc://runs"}}, "spec.artifact.uri", "must name a prefix inside the bucket or claim, not its root"),
     ({"version": 0}, "spec.version", "input should be greater than or equal to 1"),
     ({"merge": {"gpus": 9}}, "spec.merge.gpus", "input should be less than or equal to 8"),
+    ({"merge": {"gguf": ["q8_0"]}}, "spec.merge.gguf", "merge.gguf is written by the merge Job: it needs merge.enabled"),
 ]
 
 

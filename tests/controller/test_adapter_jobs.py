@@ -9,6 +9,8 @@ from kubetune.api import LoraAdapter
 from kubetune.controller.adapters import content_report
 from kubetune.controller.merging import build_merge_objects, build_verify_objects, verify_job_name
 from kubetune.controller.settings import OperatorSettings
+from kubetune.serving.publication import merged_ollama
+from kubetune_trainer.merge_job import MergeSpec
 
 SETTINGS = OperatorSettings(trainer_image="registry.local/kubetune/trainer:0.1.0")
 ADAPTER = LoraAdapter.model_validate({
@@ -39,6 +41,26 @@ def test_the_verification_job_is_cpu_only_small_and_owned_by_its_adapter():
     assert merge["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == "kubetune-merge"
     # Another artifact state, another Job: a restarted operator adopts the one by name.
     assert verify_job_name("invoices-v1", "e" * 64) != name
+
+
+def test_the_merge_job_is_told_the_gguf_types_and_the_adapters_name():
+    configmap, _ = build_merge_objects(ADAPTER, SETTINGS)
+    assert "gguf" not in json.loads(configmap["data"]["runspec.json"])
+    asked = ADAPTER.model_copy(update={"spec": ADAPTER.spec.model_copy(update={
+        "adapter_name": "invoices", "merge": ADAPTER.spec.merge.model_copy(update={"gguf": ["q8_0", "q4_k_m"]})})})
+    configmap, _ = build_merge_objects(asked, SETTINGS)
+    spec = json.loads(configmap["data"]["runspec.json"])
+    assert (spec["gguf"], spec["name"]) == (["q8_0", "q4_k_m"], "invoices")
+    assert MergeSpec.model_validate(spec).gguf == ["q8_0", "q4_k_m"]  # what the trainer image reads
+
+
+def test_ollama_hint_for_gguf_a_merge_job_wrote():
+    assert merged_ollama("invoices", "s3://adapters/run", None) is None
+    assert merged_ollama("invoices", "s3://adapters/run", {"error": "architecture GPT2 is not supported"}) is None
+    assert merged_ollama("invoices", "s3://adapters/run", {"models": {"q8_0": "model-q8_0.gguf"}}) == {
+        "modelfile": "/models/invoices/merged/gguf/Modelfile",
+        "copy": ["kubetune adapters pull s3://adapters/run /models/invoices --only merged"],
+        "command": "ollama create invoices -f /models/invoices/merged/gguf/Modelfile"}
 
 
 def _pod(message: dict | None, exit_code: int = 0, reason: str = "Completed") -> dict:

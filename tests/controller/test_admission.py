@@ -12,10 +12,10 @@ OWNER = "kubetune.dev/finetunejob"
 
 def test_unfinished_jobs_of_others_and_earlier_waiters_come_first():
     jobs = [SeenJob("a", finished=False), SeenJob("b", finished=True), SeenJob("me", finished=False),
-            SeenJob("", finished=False)]  # a LoraAdapter's merge Job holds capacity too
+            SeenJob("", finished=False)]  # a LoraAdapter's merge Job: no training run, no place
     waiting = [("2026-01-01T00:00:00Z", "early"), ("2026-01-01T00:00:05Z", "late"),
                ("2026-01-01T00:00:02Z", "me")]
-    assert places_ahead("me", "2026-01-01T00:00:02Z", jobs, waiting, admitted=()) == 3  # a, the merge, early
+    assert places_ahead("me", "2026-01-01T00:00:02Z", jobs, waiting, admitted=()) == 2  # a, early
 
 
 def test_same_creation_time_is_ordered_by_name():

@@ -9,7 +9,9 @@ import pytest
 from kubetune.api.validation import Problem, validate_object
 from kubetune.controller.artifacts import UnsafeManifest, deletion_keys, fingerprint
 from kubetune.controller.jobs import configmap_name, job_name
-from kubetune.controller.registry import adapter_version
+from kubetune.api import FineTuneJob
+from kubetune.api.loraadapter import LoraAdapterSpec
+from kubetune.controller.registry import adapter_version, merge_request
 from kubetune.controller.status import (MESSAGE_LIMIT, Counters, Observation, cancellation, count_pods, join_problems,
                                         merge_patch_changes, observe, settle_phase, status_patch)
 from kubetune.storage.location import ObjectInfo
@@ -72,6 +74,21 @@ def test_a_new_run_takes_the_next_version_and_the_same_run_is_adopted():
     existing = [_adapter("x", 1, "s3://b/x-1"), _adapter("x-v2", 2, "s3://b/x-2")]
     assert adapter_version("x", "s3://b/x-3", existing) == ("x-v3", 3, None)
     assert adapter_version("x", "s3://b/x-2", existing) == ("x-v2", 2, existing[1])
+
+
+@pytest.mark.parametrize("spec,merge", [
+    ({"output": {"uri": "pvc://runs/job", "merge": False}}, {"enabled": False}),
+    ({"resources": {"gpus": 0}}, {"enabled": True, "dtype": "float32"}),
+    ({"resources": {"gpus": 2}}, {"enabled": True, "dtype": "bfloat16"}),
+    ({"output": {"uri": "pvc://runs/job", "merge": False, "gguf": {"enabled": True, "types": ["q8_0", "q8_0"]}},
+      "resources": {"gpus": 1}}, {"enabled": True, "dtype": "bfloat16", "gguf": ["q8_0"]}),
+])
+def test_the_runs_merge_and_gguf_are_its_adapters_merge_job(spec, merge):
+    """The training pods never merge: the adapter asks its merge Job, at the training pods' precision."""
+    job = FineTuneJob.model_validate(minimal_job(**spec))
+    assert merge_request(job) == merge
+    assert LoraAdapterSpec.model_validate({"baseModel": {"uri": "pvc://models/m"}, "artifact": {"uri": "pvc://r/x"},
+                                           "merge": merge}).merge.enabled == merge["enabled"]
 
 
 def test_a_versioned_name_stays_within_63_characters():

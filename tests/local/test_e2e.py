@@ -1,6 +1,7 @@
 """End to end on the local stack: API server, S3 server, the operator and the executor running the
 real trainer on SmolLM2-135M. A FineTuneJob is applied; the test waits for the FineTuneJob to
-succeed and its LoraAdapter to be verified, then checks the published artifacts."""
+succeed and its LoraAdapter to be verified and merged (by its merge Job, not the training pod), then
+checks the published artifacts."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ async def test_apply_to_verified_adapter(tmp_path, smollm2_dir, caplog):
         async def adapter_settled():
             body = (await stack.client.get(adapter_path("default", name))) or {}
             return body if (body.get("status") or {}).get("phase") in ("Ready", "Failed") else None
-        adapter = await eventually(adapter_settled, 120, "the LoraAdapter to settle")
+        adapter = await eventually(adapter_settled, 300, "the LoraAdapter to settle")
         assert adapter["status"]["phase"] == "Ready", adapter["status"].get("message")
         verified = next(c for c in adapter["status"]["conditions"] if c["type"] == "Verified")
         assert verified["status"] == "True"
@@ -74,7 +75,14 @@ async def test_apply_to_verified_adapter(tmp_path, smollm2_dir, caplog):
         location = open_location(adapter["spec"]["artifact"]["uri"], storage=stack.storage, volume_root=tmp_path)
         manifest = read_manifest(location)
         assert verify(location, manifest) == []
-        assert {"adapter/adapter_model.safetensors", "merged/model.safetensors"} <= {f.path for f in manifest.files}
+        assert "adapter/adapter_model.safetensors" in {f.path for f in manifest.files}
+        # output.merge: the training pod published the adapter only; the adapter's merge Job the rest.
+        assert not any(f.path.startswith("merged/") for f in manifest.files)
+        assert (adapter["spec"]["merge"]["enabled"], adapter["spec"]["merge"]["dtype"]) == (True, "float32")
+        assert adapter["status"]["mergedModelUri"] == f"{adapter['spec']['artifact']['uri']}/merged"
+        merged = location.child("merged")
+        assert verify(merged, read_manifest(merged)) == []
+        assert "model.safetensors" in {f.path for f in read_manifest(merged).files}
         metrics = manifest.metadata["metrics"]
         assert metrics["final"]["evalLoss"] < metrics["baseline"]["evalLoss"]
         assert adapter["status"]["metrics"]["evalLoss"] == pytest.approx(metrics["final"]["evalLoss"])

@@ -4,6 +4,7 @@ same (apply, get with printer columns, -o yaml, describe with Events, wait, dele
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import sys
@@ -87,3 +88,22 @@ async def test_selectors_and_lists_follow_the_api(kmock):
     assert [i["metadata"]["name"] for i in listing["items"]] == ["b"]
     listing = await (await kmock.get("/api/v1/namespaces/default/configmaps?fieldSelector=metadata.name!%3Da")).json()
     assert [i["metadata"]["name"] for i in listing["items"]] == ["b", "c"]
+
+
+async def test_the_aibrix_secret_command_copies_the_storage_credentials_under_aibrix_keys(kmock, kubectl, tmp_path):
+    from kubetune.serving.manifests import AIBRIX_SECRET_KEYS, aibrix_secret_note
+
+    ours = {"endpoint": "http://minio:9000", "accessKey": "AK", "secretKey": "s3cr3t/+=", "region": "eu-1"}
+    await kmock.post("/api/v1/namespaces/default/secrets", json={
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3", "namespace": "default"},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in ours.items()}})
+    command = aibrix_secret_note("s3", "default").split("with: ", 1)[1].split(". A non-AWS", 1)[0]
+    script = tmp_path / "make-secret.sh"
+    script.write_text(command.replace("kubectl ", f"{KUBECTL} "))
+    proc = await asyncio.create_subprocess_exec("sh", str(script), env={**os.environ, "KUBECONFIG": str(
+        tmp_path / "kubeconfig"), "HOME": str(tmp_path)}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    assert proc.returncode == 0, out
+    made = yaml.safe_load(await kubectl("get", "secret", "s3-aibrix", "-o", "yaml"))
+    decoded = {k: base64.b64decode(v).decode() for k, v in made["data"].items()}
+    assert decoded == {theirs: ours[key] for key, theirs in AIBRIX_SECRET_KEYS.items()}

@@ -13,7 +13,7 @@ import yaml
 
 from kubetune.cli import main
 from kubetune.serving.manifests import NotServable, serve_manifests, to_yaml
-from kubetune.serving.publication import serving_status
+from kubetune.serving.publication import merged_ollama, serving_status
 from kubetune.serving.vllm import check
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -73,13 +73,34 @@ def test_a_hub_base_is_fetched_by_vllm_not_copied():
 def test_aibrix_loads_the_adapter_from_its_s3_location():
     (doc,) = serve_manifests(adapter(), "aibrix")
     assert doc["spec"]["artifactURL"] == f"{ARTIFACT}/adapter"
-    assert doc["spec"]["credentialsSecretRef"] == {"name": "s3"}
+    assert doc["spec"]["credentialsSecretRef"] == {"name": "s3-aibrix"}  # the keys AIBrix reads: aibrix_secret_note
     assert doc["spec"]["podSelector"] == {"matchLabels": {"model.aibrix.ai/name": "smollm2-135m"}}
 
 
 def test_ollama_needs_the_runs_gguf_files():
     with pytest.raises(NotServable, match="no GGUF files"):
         serve_manifests(adapter(layout={"adapter": "adapter"}), "ollama")
+
+
+def test_ollama_pulls_gguf_files_a_merge_job_wrote_from_the_merged_model():
+    merged = adapter(layout={"adapter": "adapter"})
+    merged["status"]["serving"]["ollama"] = merged_ollama("invoices", ARTIFACT, {"models": {"q8_0": "model-q8_0.gguf"}})
+    job = serve_manifests(merged, "ollama")[0]["spec"]["template"]["spec"]
+    assert job["initContainers"][0]["command"][-1] == f"kubetune adapters pull {ARTIFACT} /models/invoices --only merged"
+    assert job["containers"][0]["command"][-1].endswith("ollama create invoices -f /models/invoices/merged/gguf/Modelfile")
+
+
+@pytest.mark.parametrize("target", ["vllm", "kserve", "ollama"])
+def test_no_container_can_gain_privileges_and_the_pull_runs_as_non_root(target):
+    doc = serve_manifests(adapter(), target)[0]
+    pod = doc["spec"]["predictor"] if target == "kserve" else doc["spec"]["template"]["spec"]
+    containers = pod["initContainers"] + (pod["containers"] if target != "kserve" else [pod["model"]])
+    for container in containers:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    pull = pod["initContainers"][0]["securityContext"]
+    assert pull["runAsNonRoot"] and pull["readOnlyRootFilesystem"]
 
 
 def test_an_adapter_not_verified_yet_is_refused_by_name():

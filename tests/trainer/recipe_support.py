@@ -1,5 +1,5 @@
 """Building run specs for trainer tests (a volume with the model and the invoice data), and
-running the trainer on one as its pod would."""
+running the trainer (and the merge Job) on one as their pods would."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kubetune.contract import MERGED_DIR
 from kubetune_trainer.samples import invoice_records, write_jsonl
 
 
@@ -54,3 +55,16 @@ def run_trainer(spec_path: Path, log: Path, **env: str) -> int:
     command = [sys.executable, "-m", "kubetune_trainer.main", "--spec", str(spec_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     return subprocess.run(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, timeout=900).returncode
+
+
+def merge_run(root: Path, volumes: Path, run_uri: str = "pvc://runs/job", **spec) -> Path:
+    """What the run's LoraAdapter's merge Job does with it (`kubetune-trainer merge-job`, in a process
+    as in its pod); returns the merged model's folder, ARTIFACT/merged/."""
+    path = write_spec(root / "merge.json", {"baseModel": {"uri": "pvc://models/smollm2"}, "artifactUri": run_uri,
+                                            **spec})
+    command = [sys.executable, "-m", "kubetune_trainer.main", "merge-job", "--spec", str(path)]
+    env = {**os.environ, "KUBETUNE_VOLUME_ROOT": str(volumes), "KUBETUNE_WORK_DIR": str(root / "merge-work"),
+           "KUBETUNE_CACHE_DIR": str(root / "cache")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return volumes / run_uri.removeprefix("pvc://") / MERGED_DIR

@@ -12,7 +12,7 @@ from kubetune.storage.location import LocalLocation
 from kubetune.storage.manifest import read_manifest, verify
 from kubetune_trainer.recipe import FineTuneRecipe
 from kubetune_trainer.runspec import RunSpec
-from tests.trainer.recipe_support import make_volume, run_spec
+from tests.trainer.recipe_support import make_volume, merge_run, run_spec
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,10 @@ def test_manifest_lists_verified_artifacts_with_lineage(finished_run):
     output = LocalLocation(volumes / "runs" / "job")
     manifest = read_manifest(output)
     paths = {f.path for f in manifest.files}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
-            "merged/model.safetensors", "merged/config.json"} <= paths
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"} <= paths
+    # output.merge is the merge Job's (test_saved_adapter_reloads_and_merged_model_matches): the
+    # training pod publishes the adapter and gives its GPUs back.
+    assert not any(p.startswith("merged/") for p in paths) and manifest.metadata["layout"] == {"adapter": "adapter"}
     assert verify(output, manifest) == []
     lineage = manifest.metadata["lineage"]
     data_sha = hashlib.sha256((volumes / "data" / "invoices.jsonl").read_bytes()).hexdigest()
@@ -74,7 +76,9 @@ def test_saved_adapter_reloads_and_merged_model_matches(finished_run, smollm2_di
     reloaded = holdout_loss(with_adapter, data.validation, tokenizer.pad_token_id)["evalLoss"]
     assert reloaded == pytest.approx(result.metrics["final"]["evalLoss"], abs=1e-5)
 
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
+    merged_dir = merge_run(root, volumes)
+    assert verify(LocalLocation(merged_dir), read_manifest(LocalLocation(merged_dir))) == []
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     batch = tokenizer(["Invoice INV-4242 from Hooli, total 12.50 USD.\nJSON: ", "Hello"], return_tensors="pt",
                       padding=True)
     expected = with_adapter(**batch).logits

@@ -3,14 +3,17 @@ and the adapter as a GGUF LoRA (llama.cpp's `--lora`, Ollama's ADAPTER).
 
 Written with gguf-py: its tensor-name maps give the llama.cpp names, its quantizers the q8_0 blocks,
 its SpecialVocab the merges, special token ids and chat template. gguf-py cannot quantize the k-quants
-(q4_k_m and friends) in Python, so those are made from the f16 file with llama.cpp's `llama-quantize`.
+(q4_k_m) in Python, so those are made from the f16 file by llama.cpp's own quantizer, through
+llama-cpp-python's binding of `llama_model_quantize` (the package is needed only for them).
 Tensors are read from the safetensors files one at a time and written as they are converted, so the
 model is never held twice in memory: the tensor index is written first from the files' headers.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -28,6 +31,11 @@ FILE_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+
+
+# k-quants, made from an f16 file by llama.cpp: its quantizer picks each tensor's block type (and
+# falls back where a row is not a multiple of 256 values, as in SmolLM2's 576-wide layers).
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 class GGUFExportError(Exception):
@@ -213,8 +221,32 @@ def _write_streamed(writer: gguf.GGUFWriter, planned: list[_Planned],
     writer.close()
 
 
+def _llama_cpp(type_name: str) -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise GGUFExportError(f"GGUF type {type_name} is made by llama.cpp's quantizer (the llama-cpp-python "
+                              "package), which this trainer environment lacks; ask for f16 or q8_0") from exc
+    return llama_cpp
+
+
+def quantize(f16: Path, out: Path, type_name: str) -> Path:
+    """An f16 GGUF file as the k-quant type_name, by llama.cpp."""
+    llama_cpp = _llama_cpp(type_name)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[type_name])
+    params.nthread = os.cpu_count() or 1
+    tmp = out.with_name(out.name + ".tmp")
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        tmp.unlink(missing_ok=True)
+        raise GGUFExportError(f"llama.cpp could not quantize {f16.name} to {type_name}")
+    tmp.rename(out)
+    return out
+
+
 def export_model(model_dir: Path, out: Path, type_name: str) -> Path:
-    """The model in model_dir (transformers layout, safetensors) as one GGUF file of type type_name."""
+    """The model in model_dir (transformers layout, safetensors) as one GGUF file of type type_name
+    (f16 or q8_0; the k-quants go through quantize)."""
     if type_name not in FILE_TYPES:
         raise GGUFExportError(f"GGUF type {type_name!r} is not supported (supported: {', '.join(FILE_TYPES)})")
     wanted, file_type = FILE_TYPES[type_name]
@@ -310,12 +342,29 @@ def export_folder(merged_dir: Path, adapter_dir: Path, out_dir: Path, types: lis
 
     config = json.loads((merged_dir / "config.json").read_text())
     architecture(config)  # before any file is written
-    out_dir.mkdir(parents=True, exist_ok=True)
-    models, seconds = {}, {}
     for type_name in types:
-        started = time.monotonic()
-        models[type_name] = export_model(merged_dir, out_dir / f"model-{type_name}.gguf", type_name).name
-        seconds[models[type_name]] = round(time.monotonic() - started, 1)
+        if type_name in K_QUANTS:
+            _llama_cpp(type_name)
+        elif type_name not in FILE_TYPES:
+            raise GGUFExportError(f"GGUF type {type_name!r} is not supported "
+                                  f"(supported: {', '.join([*FILE_TYPES, *K_QUANTS])})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    # gguf-py's types first: a k-quant is made from the f16 file, written for it alone when not asked for.
+    for type_name in sorted(types, key=lambda t: t in K_QUANTS):
+        started, out = time.monotonic(), out_dir / f"model-{type_name}.gguf"
+        if type_name in K_QUANTS:
+            f16 = out_dir / models["f16"] if "f16" in models else out_dir.parent / "model-f16.gguf.source"
+            if "f16" not in models:
+                export_model(merged_dir, f16, "f16")
+            quantize(f16, out, type_name)
+            if "f16" not in models:
+                f16.unlink()
+        else:
+            export_model(merged_dir, out, type_name)
+        models[type_name] = out.name
+        seconds[out.name] = round(time.monotonic() - started, 1)
     started = time.monotonic()
     adapter = export_lora(adapter_dir, config, out_dir / "adapter-lora-f32.gguf").name
     seconds[adapter] = round(time.monotonic() - started, 1)

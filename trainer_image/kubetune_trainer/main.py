@@ -90,8 +90,9 @@ def run_merge_job(path: Path) -> int:
     from kubetune_trainer.merge_job import load, run_merge
 
     def merge() -> int:
-        uri, digest = run_merge(load(path))
-        write_termination_message({"manifest": uri, "manifestSha256": digest})
+        uri, digest, gguf = run_merge(load(path))
+        # The GGUF record too: the operator reads no pvc:// claim, so this is what it learns of them.
+        write_termination_message({"manifest": uri, "manifestSha256": digest, **({"gguf": gguf} if gguf else {})})
         return EXIT_OK
     return _at_process_boundary(merge, "MergeError")
 

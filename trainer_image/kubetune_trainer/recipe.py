@@ -15,7 +15,9 @@ Features, and the spec fields that drive them:
 - checkpoints to the output location every checkpointEverySteps, resume from the newest complete
   one, SIGTERM -> checkpoint and exit EXIT_PREEMPTED;
 - hold-out loss/perplexity before and after, generation metrics (evaluation.*);
-- adapter, merged model (output.merge) and manifest.json written last, with lineage.
+- adapter and manifest.json written last, with lineage. The merged model (output.merge) and the
+  GGUF files (output.gguf) are made by the LoraAdapter's merge Job once this pod has given its GPUs
+  back.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from kubetune_trainer.data import DataFile, PreparedData, prepare
 from kubetune_trainer.dpo import build_dpo_trainer, preference_metrics
 from kubetune_trainer.evaluation import generation_metrics, holdout_loss
 from kubetune_trainer.history import TrainingHistory, history_rows, summary, write_history, write_tensorboard
-from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer, merge_adapter
+from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer
 from kubetune_trainer.preference import PreparedPreferences, prepare_preferences
 from kubetune_trainer.progress import Channel, FileChannel, PodAnnotationChannel, ProgressReport, ProgressReporter
 from kubetune_trainer.runspec import RunSpec
@@ -59,7 +61,6 @@ from kubetune_trainer.training import (
 )
 
 log = logging.getLogger(__name__)
-GGUF = "gguf"
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "gguf", "kubetune")
 
 
@@ -231,7 +232,7 @@ class FineTuneRecipe:
         train_metrics |= summary(rows, data.report.tokens)
         self.reporter.report(ProgressReport("publishing", trainer.state.global_step, trainer.state.max_steps,
                                             loss=loop.last_loss, evalLoss=final.get("evalLoss")), force=True)
-        published = self._publish(output, final_dir, tokenizer, source, data, placement,
+        published = self._publish(output, final_dir, source, data,
                                   {"baseline": baseline, "final": final, "train": train_metrics})
         self.tracking.publish(manifest_uri=published.manifest_uri or "", step=trainer.state.global_step, rows=rows,
                               adapter_name=self.spec.output.adapter_name or self.run_info.job_name,
@@ -252,12 +253,8 @@ class FineTuneRecipe:
         if self.ranks.is_main:
             tokenizer.save_pretrained(adapter_dir)
 
-    def _publish(self, output: Location, final_dir: Path, tokenizer, source: ModelSource,
-                 data: PreparedData | PreparedPreferences, placement: Placement, metrics: dict) -> RunResult:
-        adapter_dir = final_dir / "adapter"
-        if self.spec.output.merge:
-            merge_adapter(source.path, adapter_dir, final_dir / "merged", placement.dtype, tokenizer)
-        gguf = self._export_gguf(source, adapter_dir, final_dir, placement, tokenizer)
+    def _publish(self, output: Location, final_dir: Path, source: ModelSource,
+                 data: PreparedData | PreparedPreferences, metrics: dict) -> RunResult:
         base = json.loads((source.path / "config.json").read_text())
         manifest = Manifest("RunManifest", describe_dir(final_dir), {
             "metrics": metrics,
@@ -277,33 +274,8 @@ class FineTuneRecipe:
             "model": {"architectures": base.get("architectures"), "modelType": base.get("model_type"),
                       "torchDtype": base.get("dtype") or base.get("torch_dtype")},  # renamed in transformers 5
             "tracking": self.tracking.record(),
-            "layout": {"adapter": "adapter", "merged": "merged" if self.spec.output.merge else None,
-                       "gguf": GGUF if gguf and "error" not in gguf else None},
-            **({"gguf": gguf} if gguf else {}),
+            "layout": {"adapter": "adapter"},
         })
         digest = publish(output, manifest, final_dir)
         log.info("published %s/%s (sha256 %s, %d files)", output.uri, MANIFEST, digest, len(manifest.files))
         return RunResult(False, f"{output.uri}/{MANIFEST}", digest, metrics)
-
-    def _export_gguf(self, source: ModelSource, adapter_dir: Path, final_dir: Path, placement: Placement,
-                     tokenizer) -> dict | None:
-        """ARTIFACT/gguf/ (output.gguf). A model GGUF cannot be written for is reported in the
-        manifest, and the rest of the run is published all the same."""
-        settings = self.spec.output.gguf
-        if not settings.enabled:
-            return None
-        from kubetune_trainer.gguf_export import GGUFExportError, architecture, export_folder
-
-        try:
-            architecture(json.loads((source.path / "config.json").read_text()))
-            merged = final_dir / "merged"
-            if not self.spec.output.merge:  # merged for the GGUF files alone, not published
-                merged = self.work / "gguf-merged"
-                shutil.rmtree(merged, ignore_errors=True)
-                merge_adapter(source.path, adapter_dir, merged, placement.dtype, tokenizer)
-            return export_folder(merged, adapter_dir, final_dir / GGUF, list(dict.fromkeys(settings.types)),
-                                 self.spec.output.adapter_name or self.run_info.job_name)
-        except GGUFExportError as exc:
-            log.warning("no GGUF files: %s", exc)
-            shutil.rmtree(final_dir / GGUF, ignore_errors=True)
-            return {"error": str(exc)}

@@ -194,23 +194,26 @@ class Resources(ApiModel):
     )
 
 
-GgufType = Literal["f16", "q8_0"]
+GgufType = Literal["f16", "q8_0", "q4_k_m"]
 
 
 class Gguf(ApiModel):
-    enabled: bool = Field(default=False, description="Also write ARTIFACT/gguf/: the merged model in each of "
-                          "types, the adapter as a GGUF LoRA (llama.cpp --lora, Ollama ADAPTER) and a Modelfile. "
-                          "Llama, Mistral and Qwen2 models; another architecture is reported and the rest published.")
-    types: list[GgufType] = Field(default=["f16"], min_length=1, max_length=2,
-                                  description="GGUF types of the merged model: f16, q8_0 (k-quants such as q4_k_m "
-                                  "are made from the f16 file with llama.cpp's llama-quantize).")
+    enabled: bool = Field(default=False, description="The LoraAdapter's merge Job also writes ARTIFACT/merged/gguf/: "
+                          "the merged model in each of types, the adapter as a GGUF LoRA (llama.cpp --lora, Ollama "
+                          "ADAPTER) and a Modelfile. Llama, Mistral and Qwen2 models; another architecture is "
+                          "reported and the merged model published.")
+    types: list[GgufType] = Field(default=["f16"], min_length=1, max_length=3,
+                                  description="GGUF types of the merged model: f16, q8_0, q4_k_m (made from the f16 "
+                                  "file by llama.cpp's quantizer, which the trainer image must have).")
 
 
 class Output(ApiModel):
     uri: StorageUriStr = Field(description="Prefix the run writes under: s3://bucket/prefix or pvc://claim/path.")
-    merge: bool = Field(default=True, description="Also write the base model with the adapter merged in (bf16).")
+    merge: bool = Field(default=True, description="The run's LoraAdapter gets the base model with the adapter merged "
+                        "in (ARTIFACT/merged/) from its merge Job, once the training pods have given their GPUs back "
+                        "(bf16 for a GPU run, fp32 for a CPU one).")
     gguf: Gguf = Field(default_factory=Gguf, json_schema_extra=DEFAULT_EMPTY,
-                       description="GGUF files for llama.cpp and Ollama under ARTIFACT/gguf/.")
+                       description="GGUF files for llama.cpp and Ollama under ARTIFACT/merged/gguf/.")
     adapter_name: str | None = Field(default=None, pattern=DNS1123_SUBDOMAIN, max_length=63,
                                      description="Name of the LoraAdapter created on success (a re-run, or another "
                                      "job with the same name, adds version NAME-vN); the job's name if unset.")

@@ -9,7 +9,7 @@ from pydantic import Field
 from pydantic.config import JsonDict
 
 from kubetune.api.fields import Sha256, StorageUriStr
-from kubetune.api.finetunejob import BaseModelSource, Storage
+from kubetune.api.finetunejob import BaseModelSource, GgufType, Storage
 from kubetune.api.meta import (
     CONDITIONS_SCHEMA_EXTRA,
     DEFAULT_EMPTY,
@@ -42,6 +42,17 @@ class Merge(ApiModel):
     enabled: bool = Field(default=False, description="Produce a merged (base + adapter) model if none exists.")
     gpus: int = Field(default=0, ge=0, le=8, description="GPUs for the merge Job; 0 merges on the CPU.")
     memory: str | None = Field(default=None, pattern=QUANTITY, description="Memory for the merge Job.")
+    dtype: Literal["bfloat16", "float32"] | None = Field(
+        default=None, description="Precision of the merged model; unset: bfloat16 with merge.gpus, else float32. "
+        "A FineTuneJob's adapter gets what its training pods would have used.")
+    gguf: list[GgufType] = Field(default_factory=list, max_length=3,
+                                 description="The merge Job also writes ARTIFACT/merged/gguf/: the merged model as "
+                                 "GGUF in these types, the adapter as a GGUF LoRA and an Ollama Modelfile.")
+    rules: ClassVar = (
+        Rule("gguf", "merge.gguf is written by the merge Job: it needs merge.enabled",
+             "!has(self.gguf) || size(self.gguf) == 0 || (has(self.enabled) && self.enabled)",
+             lambda s: not s.gguf or s.enabled),
+    )
 
 
 class Threshold(ApiModel):

@@ -285,10 +285,13 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
             await fail("ChecksumMismatch", [found])
             return
     if spec.merge.enabled and not (patch.get("mergedModelUri") or status.get("mergedModelUri")):
-        merged_uri, conditions = await _merged(client, settings, body, adapter, patch, conditions, generation, now)
-        if merged_uri is None:
+        merged, conditions = await _merged(client, settings, body, adapter, patch, conditions, generation, now)
+        if merged is None:
             return  # the merge Job runs (or failed, recorded): its events bring us back
-        patch["mergedModelUri"] = merged_uri
+        patch["mergedModelUri"] = f"{spec.artifact.uri}/{MERGED_DIR}"
+        ollama = publication.merged_ollama(spec.adapter_name or name, spec.artifact.uri, merged.get("gguf"))
+        if ollama:
+            patch["serving"] = {**(patch.get("serving") or status.get("serving") or {}), "ollama": ollama}
     metrics = patch["metrics"] if "metrics" in patch else (status.get("metrics") or {})
     stage, conditions = _promote(spec.stage, status.get("stage") or "candidate", spec.evaluation_gate, metrics,
                                  _content_pending(conditions), conditions, generation, now, body)
@@ -303,9 +306,10 @@ async def reconcile_adapter(client: KubeClient, settings: OperatorSettings, body
 
 async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, adapter: LoraAdapter,
                   verified: dict[str, Any], conditions: list[dict], generation: int | None,
-                  now: str) -> tuple[str | None, list[dict]]:
-    """The merged model's URI once a merge Job has published and it verifies; until then, run the
-    Job and record Merging (or its failure), with the verification's fields (verified)."""
+                  now: str) -> tuple[dict[str, Any] | None, list[dict]]:
+    """What the merged model's manifest records (its `gguf` export among it) once a merge Job has
+    published and it verifies; until then, run the Job and record Merging (or its failure), with
+    the verification's fields (verified)."""
     # the body's namespace, as reconcile_adapter reads it (the model's field is optional)
     namespace, name = body["metadata"]["namespace"], adapter.metadata.name
 
@@ -321,18 +325,23 @@ async def _merged(client: KubeClient, settings: OperatorSettings, body: dict, ad
             # Listed, not hashed here: the merge Job computed each sha256 from the files it wrote.
             message = (f"{len(manifest.files)} files, {manifest.total_size:,d} bytes: the merged manifest's files "
                        "are all there at their sizes")
-            return merged_uri, set_condition(conditions, "Merged", "True", "MergedModelVerified", message,
-                                             generation, now)
+            return manifest.metadata, set_condition(conditions, "Merged", "True", "MergedModelVerified", message,
+                                                    generation, now)
     job = await _job_of(client, body, merge_job_name(name), "MergeJobCreated",
                         lambda: build_merge_objects(adapter, settings))
     finished = job_outcome(job.get("status"))
     if finished:
+        pods = await client.list(path_for("v1", "pods", namespace),
+                                 {"batch.kubernetes.io/job-name": merge_job_name(name)})
+        report = next((m for p in pods if (m := termination(p)[2]).get("manifestSha256")), None)
+        if "Complete" in finished and report and parse_uri(merged_uri).scheme == "pvc":
+            # The operator reads no claim (as for the run itself): the Job's report is the record.
+            message = f"the merge Job published {report['manifest']} (sha256 {report['manifestSha256']})"
+            return report, set_condition(conditions, "Merged", "True", "MergeJobReported", message, generation, now)
         if "Complete" in finished:  # it published, yet what it published does not verify
             reason = "MergedModelInvalid"
-            message = "the merged model does not match its manifest: " + "; ".join(problems)
+            message = "the merged model does not match its manifest: " + "; ".join(problems or ["no report"])
         else:
-            pods = await client.list(path_for("v1", "pods", namespace),
-                                     {"batch.kubernetes.io/job-name": merge_job_name(name)})
             reason, detail = (failure_message(pods[-1]) if pods
                               else (finished["Failed"].get("reason", "MergeFailed"), ""))
             message = f"the merge Job failed: {detail or finished['Failed'].get('message', '')}"

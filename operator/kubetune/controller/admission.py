@@ -34,10 +34,11 @@ def places_ahead(name: str, created: str, jobs: Iterable[SeenJob], waiting: Iter
                  admitted: Iterable[str]) -> int:
     """Jobs that hold or come before this one's turn: unfinished Jobs of other FineTuneJobs (and
     those admitted whose Job the index has not shown yet), and FineTuneJobs created earlier that
-    still wait (`waiting`: (creationTimestamp, name) pairs)."""
+    still wait (`waiting`: (creationTimestamp, name) pairs). A LoraAdapter's merge and verification
+    Jobs (no owner) are not training runs: the limit is on those."""
     jobs = list(jobs)
     indexed = {j.owner for j in jobs}
-    running = sum(1 for j in jobs if j.owner != name and not j.finished)
+    running = sum(1 for j in jobs if j.owner and j.owner != name and not j.finished)
     running += sum(1 for a in admitted if a != name and a not in indexed)
     return running + sum(1 for w in waiting if w < (created, name))
 

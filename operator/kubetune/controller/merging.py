@@ -68,8 +68,12 @@ def _adapter_job(adapter: LoraAdapter, settings: OperatorSettings, *, name: str,
 def build_merge_objects(adapter: LoraAdapter, settings: OperatorSettings) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ConfigMap with the merge spec, and the Job that runs it."""
     spec = adapter.spec
-    merge_spec = {"baseModel": spec.base_model.model_dump(by_alias=True, exclude_none=True),
-                  "artifactUri": spec.artifact.uri}
+    merge_spec: dict[str, Any] = {"baseModel": spec.base_model.model_dump(by_alias=True, exclude_none=True),
+                                  "artifactUri": spec.artifact.uri}
+    if spec.merge.dtype:
+        merge_spec["dtype"] = spec.merge.dtype
+    if spec.merge.gguf:
+        merge_spec |= {"gguf": spec.merge.gguf, "name": spec.adapter_name or adapter.metadata.name}
     claims: dict[str, bool] = {}
     for uri, writable in ((spec.base_model.uri, False), (spec.artifact.uri, True)):
         parsed = parse_uri(uri)

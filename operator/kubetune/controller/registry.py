@@ -40,6 +40,18 @@ def adapter_version(base: str, run_uri: str, existing: list[dict]) -> tuple[str,
         version += 1
 
 
+def merge_request(ftj: FineTuneJob) -> dict[str, Any]:
+    """The run's output.merge and output.gguf, as its LoraAdapter's merge Job does them: the training
+    pods publish the adapter and give their GPUs back, and the merge runs on the CPU (or merge.gpus)
+    at the precision the training pods would have merged at."""
+    output = ftj.spec.output
+    gguf = list(dict.fromkeys(output.gguf.types)) if output.gguf.enabled else []
+    if not (output.merge or gguf):
+        return {"enabled": False}
+    return {"enabled": True, "dtype": "bfloat16" if ftj.spec.resources.gpus else "float32",
+            **({"gguf": gguf} if gguf else {})}
+
+
 def _adapter_object(ftj: FineTuneJob, name: str, base: str, version: int, manifest_sha256: str) -> dict[str, Any]:
     adapter: dict[str, Any] = {
         "apiVersion": API_VERSION, "kind": "LoraAdapter",
@@ -50,7 +62,7 @@ def _adapter_object(ftj: FineTuneJob, name: str, base: str, version: int, manife
                  "baseModel": ftj.spec.base_model.model_dump(by_alias=True, exclude_none=True),
                  "artifact": {"uri": run_output_uri(ftj), **({"manifestSha256": manifest_sha256}
                                                              if manifest_sha256 else {})},
-                 "merge": {"enabled": False}},
+                 "merge": merge_request(ftj)},
     }
     if ftj.spec.storage:
         adapter["spec"]["storage"] = ftj.spec.storage.model_dump(by_alias=True)

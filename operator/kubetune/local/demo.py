@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.contract import HISTORY_FILE
+from kubetune.contract import HISTORY_FILE, MERGED_DIR
 from kubetune.controller.adapters import adapter_path
 from kubetune.controller.kube import path_for
 from kubetune.local.stack import LocalStack
@@ -106,6 +106,9 @@ def _report(stack: LocalStack, adapter: dict, elapsed: float) -> int:
     print(f"\nartifacts under {adapter['spec']['artifact']['uri']}:")
     for entry in manifest.files:
         print(f"  {entry.size:>12,d}  sha256 {entry.sha256[:16]}…  {entry.path}")
+    if status.get("mergedModelUri"):  # written by the adapter's merge Job, with its own manifest
+        for entry in read_manifest(location.child(MERGED_DIR)).files:
+            print(f"  {entry.size:>12,d}  sha256 {entry.sha256[:16]}…  {MERGED_DIR}/{entry.path}")
     print(f"\napply -> adapter {status.get('phase')}: {elapsed:.0f}s; training: {json.dumps(metrics['train'])}")
     if any(entry.path == HISTORY_FILE for entry in manifest.files):
         uri, curve = adapter["spec"]["artifact"]["uri"], stack.state / "curve.png"

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from kubetune.contract import MERGED_DIR
-from kubetune.serving.manifests import TARGETS, NotServable, serve_manifests, to_yaml
+from kubetune.serving.manifests import TARGETS, NotServable, ServeSource, aibrix_secret_note, serve_manifests, to_yaml
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.config import StorageConfig
 from kubetune.storage.location import IntegrityError, Location, ObjectMissing, open_location, sha256_file
@@ -142,11 +142,15 @@ def _cmd_serve_manifest(args: argparse.Namespace) -> int:
     if args.target == "ollama":
         options["claim"] = args.ollama_claim
     try:
-        docs = serve_manifests(_adapter(args), args.target, **options)
+        adapter = _adapter(args)
+        docs = serve_manifests(adapter, args.target, **options)
     except (NotServable, OSError, ValueError) as exc:
         print(f"kubetune adapters serve-manifest: {exc}", file=sys.stderr)
         return 1
     print(to_yaml(docs), end="")
+    source = ServeSource.from_adapter(adapter)
+    if args.target == "aibrix" and source.storage_secret:
+        print(f"# {aibrix_secret_note(source.storage_secret, source.namespace)}", file=sys.stderr)
     return 0
 
 

@@ -43,7 +43,8 @@ class ServeSource:
     adapter_dir: str
     max_lora_rank: int
     storage_secret: str | None
-    ollama_modelfile: str | None  # set when the run exported GGUF files
+    ollama_modelfile: str | None  # set when the run (or a merge Job) exported GGUF files
+    ollama_copy: list[str]  # the pulls that put them there, as status.serving.ollama says
 
     @classmethod
     def from_adapter(cls, adapter: dict[str, Any]) -> ServeSource:
@@ -60,7 +61,7 @@ class ServeSource:
                    base_model_uri=vllm["baseModelUri"], base_dir=vllm["baseDir"], adapter_dir=vllm["adapterDir"],
                    max_lora_rank=vllm["maxLoraRank"],
                    storage_secret=((spec.get("storage") or {}).get("secretRef") or {}).get("name"),
-                   ollama_modelfile=ollama.get("modelfile"))
+                   ollama_modelfile=ollama.get("modelfile"), ollama_copy=list(ollama.get("copy") or []))
 
     @property
     def base_is_stored(self) -> bool:
@@ -74,13 +75,27 @@ def _storage_env(secret: str | None) -> list[dict[str, Any]]:
             for key, var in SECRET_KEYS.items()] if secret else []
 
 
-def _pull(src: ServeSource, only: str) -> dict[str, Any]:
-    """The init container copying the base (if stored) and the adapter's `only` files to /models."""
-    pulls = [f"kubetune adapters pull {src.artifact_uri} {MODELS_DIR}/{src.name} --only {only}"]
-    if src.base_is_stored and only == "adapter":
-        pulls.insert(0, f"kubetune adapters pull {src.base_model_uri} {BASE_DIR}")
+# The pull container (kubetune's own image, uid 65532) meets the "restricted" Pod Security Standard.
+# vLLM's and Ollama's images run as root and write under their home directories, so their containers
+# keep their user but drop every capability and privilege escalation.
+NO_PRIVILEGE = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED = {**NO_PRIVILEGE, "runAsNonRoot": True, "readOnlyRootFilesystem": True}
+
+
+def _pull(src: ServeSource, pulls: list[str]) -> dict[str, Any]:
+    """The init container running `kubetune adapters pull` commands into /models."""
     return {"name": "pull", "image": PULLER_IMAGE, "command": ["sh", "-c", " && ".join(pulls)],
-            "env": _storage_env(src.storage_secret), "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}]}
+            "env": _storage_env(src.storage_secret), "securityContext": RESTRICTED,
+            "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}]}
+
+
+def _pull_adapter(src: ServeSource) -> dict[str, Any]:
+    """Copies the base (if stored) and the adapter's files for vLLM."""
+    pulls = [f"kubetune adapters pull {src.artifact_uri} {MODELS_DIR}/{src.name} --only adapter"]
+    if src.base_is_stored:
+        pulls.insert(0, f"kubetune adapters pull {src.base_model_uri} {BASE_DIR}")
+    return _pull(src, pulls)
 
 
 def _labels(src: ServeSource) -> dict[str, str]:
@@ -101,12 +116,13 @@ def vllm_manifests(src: ServeSource, *, gpus: int = 1) -> list[dict[str, Any]]:
         "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
             "metadata": {"labels": labels},
             "spec": {
-                "initContainers": [_pull(src, "adapter")],
+                "initContainers": [_pull_adapter(src)],
                 "containers": [{
                     "name": "vllm", "image": VLLM_IMAGE, "command": ["vllm", "serve"], "args": vllm_args(src),
                     "ports": [{"name": "http", "containerPort": VLLM_PORT}],
                     "resources": {"limits": {"nvidia.com/gpu": gpus}},
                     "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+                    "securityContext": NO_PRIVILEGE,
                     "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR},
                                      {"name": "shm", "mountPath": "/dev/shm"}],  # NCCL and the tokenizer pool
                 }],
@@ -128,13 +144,14 @@ def kserve_manifests(src: ServeSource, *, gpus: int = 1) -> list[dict[str, Any]]
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
         "metadata": {"name": src.name, "namespace": src.namespace, "labels": {"kubetune.dev/adapter": src.name}},
         "spec": {"predictor": {
-            "initContainers": [_pull(src, "adapter")],
+            "initContainers": [_pull_adapter(src)],
             "model": {
                 "modelFormat": {"name": "huggingface"},
                 "args": [f"--model_name={src.name}", f"--model_dir={src.base_dir}", "--backend=vllm",
                          "--enable-lora", f"--max-lora-rank={src.max_lora_rank}",
                          f"--lora-modules={src.name}={src.adapter_dir}"],
                 "resources": {"limits": {"nvidia.com/gpu": gpus}},
+                "securityContext": NO_PRIVILEGE,
                 "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}],
             },
             "volumes": [{"name": "models", "emptyDir": {}}],
@@ -149,9 +166,27 @@ def dns_label(text: str) -> str:
     return label
 
 
+# AIBrix's runtime sidecar downloads s3:// artifacts with boto3 and reads exactly these keys of the
+# Secret the controller hands it (aibrix python/aibrix/aibrix/runtime/downloaders.py), none of which
+# kubetune's storage Secret has; it passes boto3 no endpoint, so a MinIO endpoint has to reach it as
+# the sidecar's AWS_ENDPOINT_URL.
+AIBRIX_SECRET_KEYS = {"accessKey": "aws_access_key_id", "secretKey": "aws_secret_access_key", "region": "aws_region"}
+
+
+def aibrix_secret_note(secret: str, namespace: str) -> str:
+    """How to make the Secret the ModelAdapter names from kubetune's storage Secret."""
+    literal = " ".join(f"--from-literal={theirs}=\"$(kubectl get secret {secret} -n {namespace} "
+                       f"-o jsonpath='{{.data.{ours}}}' | base64 -d)\"" for ours, theirs in AIBRIX_SECRET_KEYS.items())
+    return (f"AIBrix reads {', '.join(AIBRIX_SECRET_KEYS.values())} from Secret {secret}-aibrix; make it from "
+            f"{secret} (again after a rotation) with: kubectl create secret generic {secret}-aibrix -n {namespace} "
+            f"{literal} --dry-run=client -o yaml | kubectl apply -f -. A non-AWS "
+            "endpoint (MinIO) must also reach AIBrix's runtime container as AWS_ENDPOINT_URL.")
+
+
 def aibrix_manifests(src: ServeSource, *, base_name: str | None = None) -> list[dict[str, Any]]:
     """An AIBrix ModelAdapter: AIBrix loads the adapter from its S3 location into the pods serving
-    the base model (labelled model.aibrix.ai/name=BASE), with the storage Secret's credentials."""
+    the base model (labelled model.aibrix.ai/name=BASE), with credentials from a Secret holding the
+    keys AIBrix reads (aibrix_secret_note says how to make it from the storage Secret)."""
     base = base_name or dns_label(src.base_model_uri.rstrip("/").rsplit("/", 1)[-1])
     spec: dict[str, Any] = {
         "baseModel": base,
@@ -160,7 +195,7 @@ def aibrix_manifests(src: ServeSource, *, base_name: str | None = None) -> list[
         "schedulerName": "default",
     }
     if src.storage_secret:
-        spec["credentialsSecretRef"] = {"name": src.storage_secret}
+        spec["credentialsSecretRef"] = {"name": f"{src.storage_secret}-aibrix"}
     return [{"apiVersion": "model.aibrix.ai/v1alpha1", "kind": "ModelAdapter",
              "metadata": {"name": src.name, "namespace": src.namespace,
                           "labels": {"model.aibrix.ai/name": src.name, "kubetune.dev/adapter": src.name}},
@@ -171,7 +206,7 @@ def ollama_manifests(src: ServeSource, *, claim: str = "ollama-models") -> list[
     """A Job that pulls the run's GGUF files and runs `ollama create` from their Modelfile into the
     claim an Ollama server keeps its models on."""
     if not src.ollama_modelfile:
-        raise NotServable(f"adapter {src.name}: the run exported no GGUF files (output.gguf)")
+        raise NotServable(f"adapter {src.name}: no GGUF files were exported (output.gguf, or merge.gguf)")
     # `ollama create` talks to a server: one runs in the container until the model is created.
     create = (f"ollama serve & until ollama list >/dev/null 2>&1; do sleep 1; done; "
               f"ollama create {src.name} -f {src.ollama_modelfile}")
@@ -181,9 +216,10 @@ def ollama_manifests(src: ServeSource, *, claim: str = "ollama-models") -> list[
                      "labels": {"kubetune.dev/adapter": src.name}},
         "spec": {"backoffLimit": 2, "template": {"spec": {
             "restartPolicy": "Never",
-            "initContainers": [_pull(src, "gguf")],
+            "initContainers": [_pull(src, src.ollama_copy)],
             "containers": [{"name": "create", "image": OLLAMA_IMAGE, "command": ["sh", "-c", create],
                             "env": [{"name": "OLLAMA_MODELS", "value": "/ollama/models"}],
+                            "securityContext": NO_PRIVILEGE,
                             "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR},
                                              {"name": "ollama", "mountPath": "/ollama"}]}],
             "volumes": [{"name": "models", "emptyDir": {}},

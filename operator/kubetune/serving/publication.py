@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kubetune.contract import GGUF_DIR, MERGED_DIR
 from kubetune.serving.vllm import VLLM_VERSION, Compatibility, check
 from kubetune.storage.client import StorageUnavailable
 from kubetune.storage.config import StorageConfig
@@ -49,11 +50,23 @@ def serving_status(name: str, artifact_uri: str, base_uri: str, layout: dict[str
                 f"{local_adapter!r})",
     }
     if layout.get("gguf"):
-        modelfile = f"{MODELS_DIR}/{name}/{layout['gguf']}/Modelfile"
-        serving["ollama"] = {"modelfile": modelfile,
-                             "copy": [f"kubetune adapters pull {artifact_uri} {MODELS_DIR}/{name} --only gguf"],
-                             "command": f"ollama create {name} -f {modelfile}"}
+        serving["ollama"] = _ollama(name, artifact_uri, layout["gguf"], "gguf")
     return serving
+
+
+def merged_ollama(name: str, artifact_uri: str, gguf: dict[str, Any] | None) -> dict[str, Any] | None:
+    """status.serving.ollama for the GGUF files a merge Job wrote (ARTIFACT/merged/gguf/), if it did."""
+    if not gguf or "error" in gguf:
+        return None
+    return _ollama(name, artifact_uri, f"{MERGED_DIR}/{GGUF_DIR}", "merged")
+
+
+def _ollama(name: str, artifact_uri: str, folder: str, part: str) -> dict[str, Any]:
+    """Where `kubetune adapters pull --only part` leaves the Modelfile, and the command that reads it."""
+    modelfile = f"{MODELS_DIR}/{name}/{folder}/Modelfile"
+    return {"modelfile": modelfile,
+            "copy": [f"kubetune adapters pull {artifact_uri} {MODELS_DIR}/{name} --only {part}"],
+            "command": f"ollama create {name} -f {modelfile}"}
 
 
 def condition(compat: Compatibility) -> tuple[str, str, str]:
