@@ -354,13 +354,16 @@ def export_folder(merged_dir: Path, adapter_dir: Path, out_dir: Path, types: lis
     # gguf-py's types first: a k-quant is made from the f16 file, written for it alone when not asked for.
     for type_name in sorted(types, key=lambda t: t in K_QUANTS):
         started, out = time.monotonic(), out_dir / f"model-{type_name}.gguf"
-        if type_name in K_QUANTS:
-            f16 = out_dir / models["f16"] if "f16" in models else out_dir.parent / "model-f16.gguf.source"
-            if "f16" not in models:
-                export_model(merged_dir, f16, "f16")
-            quantize(f16, out, type_name)
-            if "f16" not in models:
-                f16.unlink()
+        if type_name in K_QUANTS and "f16" in models:
+            quantize(out_dir / models["f16"], out, type_name)
+        elif type_name in K_QUANTS:
+            # Inside out_dir, so a failed export's clean-up (the caller removes out_dir) takes it too:
+            # beside it, it would be published with the merged model.
+            source = export_model(merged_dir, out_dir / "model-f16.gguf.source", "f16")
+            try:
+                quantize(source, out, type_name)
+            finally:
+                source.unlink()
         else:
             export_model(merged_dir, out, type_name)
         models[type_name] = out.name
