@@ -119,8 +119,8 @@ def test_incomplete_checkpoint_is_never_resumed_from(tmp_path):
 
 def test_a_retry_after_the_last_step_trains_no_further(tmp_path, smollm2_dir):
     """A run whose training ended but whose publication failed is retried by its Job: it resumes from
-    the checkpoint saved at its last step and must only evaluate and publish again. (Failing at
-    `next/resume-past-end`'s first commit: the retry trained step 4 of 3.)"""
+    the checkpoint saved at its last step and must only evaluate and publish again. (Before the
+    fix the retry trained step 4 of 3.)"""
     from kubetune_trainer.recipe import FineTuneRecipe
     from kubetune_trainer.runspec import RunSpec
 
