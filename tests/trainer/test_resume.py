@@ -115,3 +115,16 @@ def test_incomplete_checkpoint_is_never_resumed_from(tmp_path):
     assert store.complete_steps() == [4]
     path, uri = store.pull_latest(tmp_path / "work")
     assert uri.endswith("checkpoint-4") and (path / "adapter_model.safetensors").read_bytes() == b"x" * 10
+
+
+def test_a_retry_after_the_last_step_trains_no_further(tmp_path, smollm2_dir):
+    """A run whose training ended but whose publication failed is retried by its Job: it resumes from
+    the checkpoint saved at its last step and must only evaluate and publish again. (Before the
+    fix the retry trained step 4 of 3.)"""
+    from kubetune_trainer.recipe import FineTuneRecipe
+    from kubetune_trainer.runspec import RunSpec
+
+    volumes = make_volume(tmp_path, smollm2_dir, records=40)
+    body = run_spec(tmp_path, volumes, training={"maxSteps": 3}, checkpointEverySteps=2)
+    assert FineTuneRecipe(RunSpec.model_validate(body)).run().metrics["train"]["steps"] == 3
+    assert FineTuneRecipe(RunSpec.model_validate(body)).run().metrics["train"]["steps"] == 3

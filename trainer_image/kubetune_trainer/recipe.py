@@ -51,6 +51,7 @@ from kubetune_trainer.runspec import RunSpec
 from kubetune_trainer.sources import ModelSource, resolve_dataset, resolve_model
 from kubetune_trainer.tracking import tracked_run
 from kubetune_trainer.training import (
+    AlreadyTrained,
     PreemptionFlag,
     build_trainer,
     coverage,
@@ -207,7 +208,10 @@ class FineTuneRecipe:
         loop.last_checkpoint = resume[1] if resume else None
         self.preemption.install()
         reset_peak_memory()
-        trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        except AlreadyTrained as done:
+            log.info("%s: training had ended; evaluating and publishing again", done)
         seen = coverage(self.ranks, loop.counter)
         if loop.stopped_for_preemption:
             return RunResult(preempted=True)

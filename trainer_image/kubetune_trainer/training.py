@@ -91,6 +91,11 @@ def plan_batches(spec: FineTuneJobSpec, model_dir: Path, on_gpu: bool, world_siz
     return plan
 
 
+class AlreadyTrained(Exception):
+    """A resumed checkpoint is the run's last step: an earlier attempt trained it all and failed
+    after (its publication, say), so this one only evaluates and publishes."""
+
+
 class LoopCallback(TrainerCallback):
     def __init__(self, *, reporter: ProgressReporter, store: CheckpointStore, counter: CountingCollator,
                  preemption: PreemptionFlag, evaluate, ranks: distributed.Ranks | None = None,
@@ -107,6 +112,10 @@ class LoopCallback(TrainerCallback):
         self.tokens_per_second: float | None = None
 
     def on_train_begin(self, args, state, control, **kw):
+        # The Trainer has restored the checkpoint's weights and state by now. Its loop checks for the
+        # end only after a step, so resumed at the last step it would train one more.
+        if 0 < state.max_steps <= state.global_step:
+            raise AlreadyTrained(f"resumed at step {state.global_step} of {state.max_steps}")
         self._t0, self._tokens0, self._step0 = time.monotonic(), self.counter.loss_tokens, state.global_step
 
     def on_log(self, args, state, control, logs=None, **kw):
