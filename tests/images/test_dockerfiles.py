@@ -29,3 +29,11 @@ def test_dockerfile_builds_on_the_release_the_script_debootstraps_as_the_chart_u
     assert [value for kind, value in steps if kind == "USER"] == [f"{TRAINER_UID}:{TRAINER_UID}"]
     chart_user = re.search(r"runAsUser: (\d+)", (REPO / "charts/kubetune/templates/_helpers.tpl").read_text())[1]
     assert int(chart_user) == TRAINER_UID
+
+
+def test_trainer_image_compiles_the_llama_cpp_quantizer_the_tests_use():
+    """The merge Job's q4_k_m files come from the image's llama.cpp; the GGUF tests judge the one
+    scripts/setup-env builds. One version for both, or the tests judge another quantizer."""
+    tested = re.search(r"^\s*llama_version=(\S+)$", (REPO / "scripts/setup-env").read_text(), re.M)[1]
+    shipped = re.findall(r"llama-cpp-python==(\S+)", (REPO / "trainer_image/Dockerfile").read_text())
+    assert shipped == [tested]
