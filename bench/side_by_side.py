@@ -36,6 +36,12 @@ CASES = {
     "kubetune-7b-attn": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn"],
     "kubetune-7b-all-linear": BENCH + ["--arch", "qwen2.5-7b", "--targets", "all-linear"],
     "kubetune-7b-lean": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "10"],
+    # peft's own LoRA forward, for the fused path's before and after in the same run
+    "unfused-7b-attn": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--fused-lora", "off"],
+    "unfused-7b-all-linear": BENCH + ["--arch", "qwen2.5-7b", "--targets", "all-linear", "--fused-lora", "off"],
+    "unfused-7b-lean": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "10",
+                                "--fused-lora", "off"],
+    "unfused-1.5b-attn": BENCH + ["--arch", "qwen2.5-1.5b", "--targets", "attn", "--fused-lora", "off"],
     "baseline-seed-7b": ANCHOR + ["--arch", "qwen2.5-7b", "--case", "seed"],
     "baseline-tuned-7b": ANCHOR + ["--arch", "qwen2.5-7b", "--case", "tuned"],
     "kubetune-1.5b-attn": BENCH + ["--arch", "qwen2.5-1.5b", "--targets", "attn"],

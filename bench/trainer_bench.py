@@ -12,9 +12,11 @@ runs for resources.gpus: N) and tokens/s counts all of them. Prints one JSON lin
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from archs import ARCHS, build_model_dir, flops_per_token  # noqa: E402
 
 from kubetune.api.finetunejob import FineTuneJobSpec  # noqa: E402
-from kubetune_trainer import distributed  # noqa: E402
+from kubetune_trainer import distributed, fused_lora  # noqa: E402
 from kubetune_trainer.data import training_rows  # noqa: E402
 from kubetune_trainer.kernels import fused_kernels_available  # noqa: E402
 from kubetune_trainer.modeling import Placement, attach_lora, load_base, load_tokenizer  # noqa: E402
@@ -119,9 +121,12 @@ def main() -> None:
     ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--gpu-memory-gib", type=float, default=None, help="memory the planner may use (lean profile)")
     ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--fused-lora", default="on", choices=["on", "off"],
+                    help="the fused LoRA path (kubetune_trainer.fused_lora), or peft's own forward")
     ap.add_argument("--profile", help="write a torch.profiler table of two steps after the warm-up here")
     a = ap.parse_args()
 
+    os.environ[fused_lora.ENV_SWITCH] = "1" if a.fused_lora == "on" else "0"
     ranks = distributed.init_from_env()
     path = shared_model_dir(a.arch, ranks)
     tokenizer = load_tokenizer(Path(a.tokenizer))
@@ -139,7 +144,7 @@ def main() -> None:
     plan = plan_batches(spec, Path(path), on_gpu=True, world_size=ranks.world_size)
     torch.cuda.reset_peak_memory_stats()
     model = attach_lora(load_base(Path(path), spec, placement, gradient_checkpointing=plan.gradient_checkpointing,
-                                  sharded=plan.sharded), spec)
+                                  sharded=plan.sharded), spec, sharded=plan.sharded)
     # Every process loads the whole 4-bit model before FSDP shards it: the load has its own peak.
     load_peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
@@ -165,6 +170,7 @@ def main() -> None:
         "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
         "gpu_memory_gib": a.gpu_memory_gib, "attention": model.config._attn_implementation,
         "fused_kernels": fused_kernels_available(model.config.model_type),
+        "fused_lora_layers": sum(isinstance(m.__dict__.get("forward"), functools.partial) for m in model.modules()),
         "steps_timed": timer.steps, "tokens": tokens, "seconds": round(timer.seconds, 2),
         "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "load_peak_gib": round(load_peak, 2),

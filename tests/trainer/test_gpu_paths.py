@@ -5,6 +5,8 @@ Run on a CUDA machine (bench/README.md: the device tool); skipped elsewhere.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -107,3 +109,42 @@ def test_expanded_scales_give_the_double_quantized_outputs_and_gradients():
     assert expand_nested_absmax(layer) == 1 and not layer[0].weight.quant_state.nested
     expanded = output_and_input_grad()
     torch.testing.assert_close(expanded, nested, atol=0, rtol=0)
+
+
+def test_fused_lora_on_4bit_layers_gives_peft_loss_and_adapter_gradients(tmp_path, monkeypatch):
+    """The fused LoRA path (kubetune_trainer.fused_lora) on NF4 layers, as the trainer loads them
+    (double-quantized scales expanded, Liger's kernels), under bf16 autocast as the Trainer runs it."""
+    from kubetune.api.finetunejob import FineTuneJobSpec
+    from kubetune_trainer import fused_lora
+    from kubetune_trainer.modeling import Placement, attach_lora, load_base
+    from tests.trainer.recipe_support import run_spec
+
+    _tiny_qwen2("sdpa").save_pretrained(tmp_path / "model")
+    body = run_spec(tmp_path, tmp_path, method="qlora", resources={"gpus": 1},
+                    lora={"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["all-linear"]})["spec"]
+    spec = FineTuneJobSpec.model_validate(body)
+    ids = torch.randint(10, 990, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+
+    def loss_and_grads(switch: str):
+        monkeypatch.setenv(fused_lora.ENV_SWITCH, switch)
+        torch.manual_seed(0)
+        model = attach_lora(load_base(tmp_path / "model", spec, Placement.detect(), gradient_checkpointing=False),
+                            spec).train()
+        fused = sum(isinstance(m.__dict__.get("forward"), functools.partial) for m in model.modules())
+        assert fused == (14 if switch == "1" else 0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator("cuda").manual_seed(len(name)))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads("0")
+    fused_loss, fused_grads = loss_and_grads("1")
+    torch.testing.assert_close(fused_loss, loss, atol=1e-2, rtol=1e-2)
+    assert grads.keys() == fused_grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        error = (fused_grads[name] - grad).norm() / grad.norm()
+        assert error < 2e-2, (name, error.item())

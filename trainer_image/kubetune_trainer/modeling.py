@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune_trainer import attention
+from kubetune_trainer import attention, fused_lora
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels import apply_fused_kernels
 
@@ -110,11 +110,14 @@ def lora_config(spec: FineTuneJobSpec) -> LoraConfig:
                       target_modules="all-linear" if targets == ["all-linear"] else list(targets))
 
 
-def attach_lora(model, spec: FineTuneJobSpec):
+def attach_lora(model, spec: FineTuneJobSpec, *, sharded: bool = False):
+    """sharded: FSDP will flatten the layers' weights, which the fused LoRA path does not read."""
     try:
         peft_model = get_peft_model(model, lora_config(spec))
     except ValueError as exc:  # peft names the modules it could not find
         raise ConfigError(f"lora.targetModules: {exc}") from exc
+    if not sharded and fused_lora.enabled():
+        fused_lora.fuse_lora_layers(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("LoRA r=%d on %s: %d trainable of %d parameters", spec.lora.r, spec.lora.target_modules, trainable, total)
     return peft_model

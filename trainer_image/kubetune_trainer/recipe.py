@@ -124,7 +124,8 @@ class FineTuneRecipe:
     def _setup_model(self, source: ModelSource, placement: Placement, plan: RunPlan):
         model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing,
                           sharded=plan.sharded)
-        return model if self.dpo else attach_lora(model, self.spec)  # DPOTrainer attaches the adapter itself
+        # DPOTrainer attaches the adapter itself
+        return model if self.dpo else attach_lora(model, self.spec, sharded=plan.sharded)
 
     def _prepare(self, data_path: Path, validation: DataFile | None, tokenizer) -> PreparedData | PreparedPreferences:
         if self.dpo:
