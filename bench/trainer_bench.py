@@ -12,7 +12,6 @@ runs for resources.gpus: N) and tokens/s counts all of them. Prints one JSON lin
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.metadata
 import json
 import math
@@ -170,7 +169,7 @@ def main() -> None:
         "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
         "gpu_memory_gib": a.gpu_memory_gib, "attention": model.config._attn_implementation,
         "fused_kernels": fused_kernels_available(model.config.model_type),
-        "fused_lora_layers": sum(isinstance(m.__dict__.get("forward"), functools.partial) for m in model.modules()),
+        "fused_lora_layers": fused_lora.fused_layer_count(model),
         "steps_timed": timer.steps, "tokens": tokens, "seconds": round(timer.seconds, 2),
         "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "load_peak_gib": round(load_peak, 2),

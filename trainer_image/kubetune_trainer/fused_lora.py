@@ -154,3 +154,8 @@ def fuse_lora_layers(model: nn.Module) -> int:
     if fused:
         log.info("fused LoRA forward and backward in %d layers (%s=0 turns it off)", fused, ENV_SWITCH)
     return fused
+
+
+def fused_layer_count(model: nn.Module) -> int:
+    """How many of the model's layers fuse_lora_layers routed through the fused path."""
+    return sum(getattr(m.__dict__.get("forward"), "func", None) is _forward for m in model.modules())
