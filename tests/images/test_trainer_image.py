@@ -21,8 +21,8 @@ from kubetune_trainer.samples import invoice_records, write_jsonl
 from tests.trainer.recipe_support import run_spec
 
 
-def test_trainer_image_fine_tunes_smollm2_from_s3_publishes_to_s3_and_merges_to_q4_k_m(trainer_image, s3_server, s3_bucket: S3Location,
-                                                                       smollm2_dir, shared_tmp):
+def test_trainer_image_fine_tunes_smollm2_from_s3_publishes_to_s3_and_merges_to_q4_k_m(
+        trainer_image, s3_server, s3_bucket: S3Location, smollm2_dir, shared_tmp):
     assert trainer_image.args == ["kubetune-trainer"] and trainer_image.uid == 65532
     config = s3_server.config
     bucket = s3_bucket.bucket
@@ -41,7 +41,7 @@ def test_trainer_image_fine_tunes_smollm2_from_s3_publishes_to_s3_and_merges_to_
     env = {"KUBETUNE_S3_ENDPOINT": f"http://{config.endpoint}", "KUBETUNE_S3_ACCESS_KEY": config.access_key,
            "KUBETUNE_S3_SECRET_KEY": config.secret_key, "KUBETUNE_S3_REGION": config.region or "",
            "KUBETUNE_TERMINATION_LOG": "/tmp/termination-log"}
-    done = _run(trainer_image, ["--spec", "/tmp/spec/spec.json"], env, shared_tmp)
+    _run(trainer_image, ["--spec", "/tmp/spec/spec.json"], env, shared_tmp)
 
     output = s3_bucket.child("runs/job")
     manifest = read_manifest(output)
@@ -67,8 +67,8 @@ def test_trainer_image_fine_tunes_smollm2_from_s3_publishes_to_s3_and_merges_to_
     assert file_type is not None and file_type.contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
 
 
-def _run(image, args: list[str], env: dict[str, str], shared_tmp: Path) -> subprocess.CompletedProcess:
+def _run(image, args: list[str], env: dict[str, str], shared_tmp: Path) -> None:
+    """The image's entrypoint with args, as the Job's pod runs it; its output shown if it fails."""
     done = subprocess.run(image.command([*image.args, *args], env=env, binds={shared_tmp: "/tmp/spec"}),
                           capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    return done
