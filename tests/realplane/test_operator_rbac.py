@@ -198,6 +198,9 @@ def test_the_cluster_wide_role_allows_the_same_calls(flow, control_plane):
         uninstall(cluster_wide)
 
 
+KOPF_ERROR_RETRY_S = 60  # Kopf's delay before retrying a handler that raised an unexpected error
+
+
 async def test_taking_away_a_rule_breaks_the_operator_for_real(flow):
     """Not only the authorizer's word: without `create` on Jobs, a new FineTuneJob gets no Job and
     the operator's call is refused. (Runs last: it makes the operator see 403s.)"""
@@ -215,6 +218,8 @@ async def test_taking_away_a_rule_breaks_the_operator_for_real(flow):
         assert status == 404
     finally:
         apply_role(installation, role)
+    # Kopf retries a handler that failed with an unexpected error (this 403) a minute after the
+    # failure, which was seconds before the rule came back: a 60 s wait raced that retry.
     await eventually(lambda: installation.plane.request(
-        "GET", path_for("batch/v1", "jobs", namespace, job_name("no-job")))[0] == 200, timeout=60,
-        what="the Job created once the rule is back")
+        "GET", path_for("batch/v1", "jobs", namespace, job_name("no-job")))[0] == 200,
+        timeout=KOPF_ERROR_RETRY_S + 60, what="the Job created once the rule is back")
