@@ -13,7 +13,7 @@ from kubetune.api import FineTuneJob
 from kubetune.api.loraadapter import LoraAdapterSpec
 from kubetune.controller.registry import adapter_version, merge_request
 from kubetune.controller.status import (MESSAGE_LIMIT, Counters, Observation, cancellation, count_pods, join_problems,
-                                        merge_patch_changes, observe, settle_phase, status_patch)
+                                        merge_patch, observe, settle_phase, status_patch)
 from kubetune.storage.location import ObjectInfo
 from kubetune.storage.manifest import MANIFEST, FileEntry, Manifest
 from tests.api.test_invalid_specs import ADAPTER
@@ -218,11 +218,12 @@ def test_a_status_patch_never_lowers_the_counters():
     assert (patch["attempts"], patch["failures"], patch["preemptions"]) == (3, 1, 2)
 
 
-def test_a_status_write_that_changes_nothing_is_recognised():
-    current = {"phase": "Running", "progress": {"step": 3, "loss": 0.5}, "attempts": 1}
-    assert not merge_patch_changes(current, {"phase": "Running", "progress": {"step": 3, "epoch": None}})
-    assert merge_patch_changes(current, {"progress": {"step": 4}})
-    assert merge_patch_changes(current, {"attempts": None})
+def test_a_status_write_is_the_difference_and_nothing_when_unchanged():
+    current = {"phase": "Running", "progress": {"step": 3, "loss": 0.5}, "attempts": 1, "conditions": [{"a": 1}]}
+    assert merge_patch(current, dict(current)) == {}
+    assert merge_patch(current, {**current, "progress": {"step": 4, "loss": 0.5}}) == {"progress": {"step": 4}}
+    assert merge_patch(current, {"phase": "Running", "progress": {"step": 3}, "conditions": [{"a": 2}]}) == {
+        "progress": {"loss": None}, "attempts": None, "conditions": [{"a": 2}]}
 
 
 def _status(phase: str, failed_reason: str | None = None) -> dict:

@@ -49,18 +49,19 @@ def capped(message: str, limit: int = MESSAGE_LIMIT) -> str:
     return message[:kept] + f" ... ({len(message) - kept} more characters not shown)"
 
 
-def merge_patch_changes(current: dict, patch: dict) -> bool:
-    """Whether applying a JSON merge patch (RFC 7396: null removes a key) to current changes it."""
-    for key, value in patch.items():
-        if value is None:
-            if key in current:
-                return True
-        elif isinstance(value, dict) and isinstance(current.get(key), dict):
-            if merge_patch_changes(current[key], value):
-                return True
-        elif current.get(key) != value:
-            return True
-    return False
+def merge_patch(current: dict, desired: dict) -> dict:
+    """The JSON merge patch (RFC 7396) that turns current into desired; empty when they are equal.
+    Written here: the jsonpatch package makes RFC 6902 operations, whose paths fail where a
+    concurrent write removed a key; a merge patch of the whole difference does not."""
+    patch: dict = {key: None for key in current if key not in desired}
+    for key, value in desired.items():
+        old = current.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            if nested := merge_patch(old, value):
+                patch[key] = nested
+        elif key not in current or old != value:
+            patch[key] = value
+    return patch
 
 
 def set_condition(conditions: list[dict], type_: str, status: str, reason: str, message: str,
