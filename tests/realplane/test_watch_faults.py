@@ -17,12 +17,11 @@ import pytest
 
 from kubetune.controller.jobs import job_name
 from kubetune.controller.kube import path_for
+from kubetune.controller.merging import merge_job_name
 from tests.realplane.kubetune_install import (audited_calls, install, prepare_inputs, quickstart_doc, running_node,
                                               storage_secret, uninstall)
 from tests.realplane.operator_process import kubectl_apply
 from tests.support import eventually, minimal_job, patched
-
-pytestmark = pytest.mark.soak  # about 20 minutes on 2 cores: `./scripts/test -m soak tests/realplane/test_watch_faults.py`
 
 FTJ_API = "kubetune.dev/v1alpha1"
 WATCH_RESTARTED = "Restarting the watch-stream"  # what Kopf logs on a 410 Gone
@@ -90,10 +89,13 @@ async def test_watches_survive_apiserver_and_etcd_faults(control_plane, installe
                          interval=2, what="the run's end")
         figures["run ended after the last fault, s"] = round(time.monotonic() - began, 1)
 
-    status = _get(plane, FTJ_API, "finetunejobs", namespace, "survivor")["status"]
-    adapter = status.get("adapterRef", {}).get("name", "")
-    await eventually(lambda: (_get(plane, FTJ_API, "loraadapters", namespace, adapter).get("status") or {})
-                     .get("phase") == "Ready", timeout=300, interval=2, what="the adapter Ready")
+        # Inside the node's block: the adapter's merge and verification Jobs run pods on it.
+        status = _get(plane, FTJ_API, "finetunejobs", namespace, "survivor")["status"]
+        adapter = status.get("adapterRef", {}).get("name", "")
+        began = time.monotonic()
+        await eventually(lambda: (_get(plane, FTJ_API, "loraadapters", namespace, adapter).get("status") or {})
+                         .get("phase") == "Ready", timeout=300, interval=2, what="the adapter Ready")
+        figures["adapter merged and verified after the run, s"] = round(time.monotonic() - began, 1)
     creates = [c for c in audited_calls(plane, installed.user) if (c.verb, c.resource) == ("create", "jobs")]
     created = sorted(c.name or "?" for c in creates if c.code == 201)
     figures["Job creates answered 409 (adopted)"] = sum(c.code == 409 for c in creates)
@@ -102,6 +104,10 @@ async def test_watches_survive_apiserver_and_etcd_faults(control_plane, installe
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["step"] == status["progress"]["totalSteps"] == doc["spec"]["training"]["maxSteps"]
     assert _get(plane, "batch/v1", "jobs", namespace, job_name("survivor"))["metadata"]["uid"] == job_uid
-    assert created == sorted(job_name(n) for n in ("survivor", "after-apiserver", "after-compaction", "after-etcd"))
+    # The operator's other creates are the adapter's merge Job and its verification Job.
+    adapter_jobs = {merge_job_name(adapter)} | {n for n in created if n.startswith(f"{adapter}-verify-")}
+    assert sorted(n for n in created if n not in adapter_jobs) == sorted(
+        job_name(n) for n in ("survivor", "after-apiserver", "after-compaction", "after-etcd"))
+    assert created.count(merge_job_name(adapter)) == 1
     assert figures["watch streams restarted on 410 Gone"] >= 1
     assert installed.operator.process.poll() is None, installed.operator.output()[-3000:]
