@@ -122,7 +122,8 @@ def main() -> None:
     plan = plan_batches(spec, path, on_gpu=on_gpu)
     peaks = Peaks()
     model = peaks.measure("load", lambda: attach_lora(load_base(
-        path, spec, Placement.detect(), gradient_checkpointing=plan.gradient_checkpointing), spec))
+        path, spec, Placement.detect(), gradient_checkpointing=plan.gradient_checkpointing,
+        checkpointed_layers=plan.checkpointed_layers), spec))
     trainer, _ = build_trainer(model, spec, rows, tokenizer=tokenizer, plan=plan, work_dir=Path("/tmp/eval-memory"),
                                callback_kwargs=loop_without_side_effects(ranks))
     pad, micro = tokenizer.pad_token_id, plan.micro_batch_size

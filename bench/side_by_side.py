@@ -5,7 +5,8 @@ Runs each case in its own process (a fresh CUDA context, so peaks do not leak be
   verbatim) and its tuned variant;
 - the kubetune trainer (bench/trainer_bench.py, the planner choosing micro-batch and
   checkpointing) on Qwen2.5-7B and -1.5B shapes, attention-only and all-linear LoRA, and the
-  memory-lean profile (resources.gpuMemoryGiB: 10);
+  memory-lean profile (resources.gpuMemoryGiB: 10) and 40 GiB, each also with every layer
+  checkpointed (gradientCheckpointing: on);
 - the loss-parity pair (bench/loss_parity.py).
 Writes one JSON file: GPU, library versions, the command of each case and what it printed.
 
@@ -42,6 +43,16 @@ CASES = {
     "unfused-7b-lean": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "10",
                                 "--fused-lora", "off"],
     "unfused-1.5b-attn": BENCH + ["--arch", "qwen2.5-1.5b", "--targets", "attn", "--fused-lora", "off"],
+    # Every decoder layer checkpointed (gradientCheckpointing: on), against the planner's choice of how
+    # many: the selective checkpointing's before and after at the same memory
+    "full-checkpointing-7b-lean": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "10",
+                                           "--checkpointing", "on"],
+    # Four layers whole at the lean profile's micro-batch: what each layer kept costs and buys
+    "sweep-7b-lean-24-layers": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "10",
+                                        "--checkpointed-layers", "24"],
+    "kubetune-7b-40gib": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "40"],
+    "full-checkpointing-7b-40gib": BENCH + ["--arch", "qwen2.5-7b", "--targets", "attn", "--gpu-memory-gib", "40",
+                                            "--checkpointing", "on"],
     "baseline-seed-7b": ANCHOR + ["--arch", "qwen2.5-7b", "--case", "seed"],
     "baseline-tuned-7b": ANCHOR + ["--arch", "qwen2.5-7b", "--case", "tuned"],
     "kubetune-1.5b-attn": BENCH + ["--arch", "qwen2.5-1.5b", "--targets", "attn"],

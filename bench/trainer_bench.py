@@ -11,23 +11,29 @@ runs for resources.gpus: N) and tokens/s counts all of them. Prints one JSON lin
 
 from __future__ import annotations
 
-import argparse
-import importlib.metadata
-import json
-import math
-import os
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
-import torch
-from transformers import TrainerCallback
+# Before the heavy imports: the start-to-first-step time counts them, as a pod's start does.
+STARTED = time.time()
+
+import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from archs import ARCHS, build_model_dir, flops_per_token  # noqa: E402
 
 from kubetune.api.finetunejob import FineTuneJobSpec  # noqa: E402
+from kubetune.planning import ModelShape, estimate_memory  # noqa: E402
 from kubetune_trainer import distributed, fused_lora  # noqa: E402
 from kubetune_trainer.data import training_rows  # noqa: E402
 from kubetune_trainer.kernels import fused_kernels_available  # noqa: E402
@@ -88,6 +94,9 @@ class StepTimer(TrainerCallback):
     # From the end of the last warm-up step: the Trainer collates a whole step's micro-batches
     # before on_step_begin, so a count taken there would already hold the first timed step's tokens.
     def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 1:
+            torch.cuda.synchronize()
+            self.first_step_s = time.time() - STARTED
         if state.global_step == self.warmup and self.t0 is None:
             torch.cuda.synchronize()
             self.t0, self.tok0 = time.perf_counter(), self.counter.loss_tokens
@@ -118,6 +127,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="rows of 2,048 tokens per optimizer step and GPU")
     ap.add_argument("--micro", type=int, default=0, help="rows per forward pass (0: the trainer's plan)")
     ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--checkpointed-layers", type=int, default=None,
+                    help="checkpoint the first N decoder layers, whatever the plan says (at its micro-batch)")
     ap.add_argument("--gpu-memory-gib", type=float, default=None, help="memory the planner may use (lean profile)")
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--fused-lora", default="on", choices=["on", "off"],
@@ -141,9 +152,18 @@ def main() -> None:
     rows = training_rows(examples(4000, min(len(tokenizer), ARCHS[a.arch][6])), 2048, packing=True)
     placement = Placement.detect()
     plan = plan_batches(spec, Path(path), on_gpu=True, world_size=ranks.world_size)
+    if a.checkpointed_layers is not None:
+        config = json.loads((Path(path) / "config.json").read_text())
+        estimate = estimate_memory(ModelShape.from_config(config), quantized=True, lora_r=spec.lora.r,
+                                   lora_targets=spec.lora.target_modules, micro_batch=plan.micro_batch_size,
+                                   seq_len=spec.training.max_seq_length, checkpointing=True,
+                                   checkpointed_layers=a.checkpointed_layers,
+                                   fused_kernels=fused_kernels_available(config["model_type"]))
+        plan = replace(plan, gradient_checkpointing=True, checkpointed_layers=a.checkpointed_layers, estimate=estimate)
     torch.cuda.reset_peak_memory_stats()
     model = attach_lora(load_base(Path(path), spec, placement, gradient_checkpointing=plan.gradient_checkpointing,
-                                  sharded=plan.sharded), spec, sharded=plan.sharded)
+                                  checkpointed_layers=plan.checkpointed_layers, sharded=plan.sharded),
+                        spec, sharded=plan.sharded)
     # Every process loads the whole 4-bit model before FSDP shards it: the load has its own peak.
     load_peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
@@ -167,12 +187,20 @@ def main() -> None:
         "case": "kubetune", "arch": a.arch, "targets": a.targets, "gpus": ranks.world_size,
         "micro": plan.micro_batch_size, "sharded": plan.sharded,
         "accum": plan.gradient_accumulation_steps, "checkpointing": plan.gradient_checkpointing,
+        "checkpointed_layers": plan.checkpointed_layers, "plan": plan.summary(),
         "gpu_memory_gib": a.gpu_memory_gib, "attention": model.config._attn_implementation,
         "fused_kernels": fused_kernels_available(model.config.model_type),
         "fused_lora_layers": fused_lora.fused_layer_count(model),
         "steps_timed": timer.steps, "tokens": tokens, "seconds": round(timer.seconds, 2),
         "tokens_per_s": round(tps, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "load_peak_gib": round(load_peak, 2),
+        # What the GPU holds for this process (CUDA context and the allocator's cache included), against
+        # the memory-lean profile's gpuMemoryGiB: the one process on the GPU, the cache never emptied.
+        "reserved_peak_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "device_used_gib": round((lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info()), 2),
+        # Process start to the end of the first optimizer step: imports, the tokenizer, the rows (made
+        # here, not read), the plan, the 4-bit load from the local model directory, the Trainer.
+        "start_to_first_step_s": round(timer.first_step_s, 1),
         "planned_gib": round(plan.estimate.total_gib, 2) if plan.estimate else None,
         "mfu_vs_989": round(tps * flops_per_token(a.arch) / 989e12 / ranks.world_size, 4),
         "wall_s": round(time.perf_counter() - t, 1),

@@ -24,3 +24,11 @@ def test_dpo_plans_fewer_pairs_per_micro_batch_and_keeps_the_batch():
         assert dpo.micro_batch_size < sft.micro_batch_size or (dpo.gradient_checkpointing
                                                                and not sft.gradient_checkpointing)
         assert dpo.estimate.total_gib <= 24 * 0.92
+
+
+def test_dpo_checkpoints_every_layer_or_none():
+    """TRL's DPO re-enables checkpointing on every layer around its reference forward."""
+    for memory in (16, 24, 40, 80):
+        plan = plan_run(spec(lora={"targetModules": ATTN}, objective={"type": "dpo"}), QWEN_7B, memory)
+        assert plan.checkpointed_layers is None
+    assert plan_run(spec(lora={"targetModules": ATTN}, objective={"type": "dpo"}), QWEN_7B, 24).gradient_checkpointing

@@ -39,8 +39,10 @@ def load_tokenizer(path: Path):
 
 
 def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradient_checkpointing: bool,
-              sharded: bool = False):
-    """sharded: FSDP will shard the model. Every process still loads the whole (4-bit) model onto
+              checkpointed_layers: int | None = None, sharded: bool = False):
+    """checkpointed_layers: with gradient_checkpointing, only the first N decoder layers recompute
+    their activations (the plan's RunPlan.checkpointed_layers); None: all of them.
+    sharded: FSDP will shard the model. Every process still loads the whole (4-bit) model onto
     its GPU first, as transformers does for quantized models; FSDP then keeps 1/world of it."""
     quant = spec.effective_quantization()
     on_gpu = placement.device == "cuda"
@@ -71,8 +73,27 @@ def load_base(path: Path, spec: FineTuneJobSpec, placement: Placement, *, gradie
         apply_fused_kernels(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpointed_layers is not None:
+            keep_activations(model, checkpointed_layers)
     model.config.use_cache = False
     return model
+
+
+def keep_activations(model, checkpointed_layers: int) -> None:
+    """Leaves checkpointing on for the first checkpointed_layers decoder layers only.
+
+    transformers checkpoints each decoder layer (a GradientCheckpointingLayer) by its own
+    `gradient_checkpointing` flag, which gradient_checkpointing_enable sets on all of them; its
+    `every_n_layers` spreads the choice (only counts of layers / n, and not in every release), so the
+    flags past the first N are cleared here. The layers left whole are the last: backward frees
+    their activations before it recomputes any checkpointed layer (the planner counts it so)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not 0 < checkpointed_layers <= len(layers):
+        raise ConfigError(f"{checkpointed_layers} checkpointed layers planned; the model has {len(layers)}")
+    for layer in layers[checkpointed_layers:]:
+        layer.gradient_checkpointing = False
 
 
 def expand_nested_absmax(model) -> int:

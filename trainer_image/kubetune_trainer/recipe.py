@@ -123,7 +123,7 @@ class FineTuneRecipe:
 
     def _setup_model(self, source: ModelSource, placement: Placement, plan: RunPlan):
         model = load_base(source.path, self.spec, placement, gradient_checkpointing=plan.gradient_checkpointing,
-                          sharded=plan.sharded)
+                          checkpointed_layers=plan.checkpointed_layers, sharded=plan.sharded)
         # DPOTrainer attaches the adapter itself
         return model if self.dpo else attach_lora(model, self.spec, sharded=plan.sharded)
 
@@ -229,7 +229,8 @@ class FineTuneRecipe:
                          "tokensPerSecond": loop.tokens_per_second, "peakGpuMemoryGiB": peak_memory_gib(),
                          "microBatchSize": plan.micro_batch_size,
                          "gradientAccumulationSteps": plan.gradient_accumulation_steps,
-                         "gradientCheckpointing": plan.gradient_checkpointing, "sharded": plan.sharded,
+                         "gradientCheckpointing": plan.gradient_checkpointing,
+                         "checkpointedLayers": plan.checkpointed_layers, "sharded": plan.sharded,
                          "rows": data.report.rows, **seen}
         rows = history_rows(trainer.state.log_history, final.get("evalLoss"))
         write_history(final_dir / HISTORY_FILE, rows)  # published with the run, listed in its manifest

@@ -195,7 +195,9 @@ def trainer_arguments(spec: FineTuneJobSpec, plan: RunPlan, work_dir: Path, *, o
         max_grad_norm=t.max_grad_norm,
         optim="adamw_torch_fused" if on_gpu else "adamw_torch",
         bf16=on_gpu,
-        gradient_checkpointing=plan.gradient_checkpointing,
+        # The Trainer's switch enables every layer's checkpointing at train(): a plan that checkpoints
+        # some of them has them set at load (modeling.load_base) and leaves it off.
+        gradient_checkpointing=plan.gradient_checkpointing and plan.checkpointed_layers is None,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         max_length=t.max_seq_length,
         logging_steps=1,

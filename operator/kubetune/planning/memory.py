@@ -2,7 +2,7 @@
 
 The terms are the ones that dominate a LoRA step on decoder-only transformers: the frozen base
 (NF4 or bf16), the trainable LoRA weights with their gradients and AdamW state (fp32), the
-activations kept for backward (all layers, or one layer's inputs per layer with checkpointing
+activations kept for backward (all of a layer's, or only its input where the layer is checkpointed,
 plus one layer being recomputed), and the logits with their fp32 upcast and gradient, which on
 150k-token vocabularies are the largest single term. With fused kernels (the trainer image's
 Liger kernels) the LM head and cross-entropy run in chunks that never hold the full logits, and
@@ -174,8 +174,11 @@ def _generation_bytes(shape: ModelShape, per_token_layer: int, batch: int, promp
 
 def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_targets: list[str],
                     micro_batch: int, seq_len: int, checkpointing: bool, fused_kernels: bool,
-                    shards: int = 1, preference: bool = False, generation_tokens: int = 0) -> MemoryEstimate:
-    """shards: the GPUs that share the base weights and the LoRA state (FSDP); 1 replicates them (DDP).
+                    checkpointed_layers: int | None = None, shards: int = 1, preference: bool = False,
+                    generation_tokens: int = 0) -> MemoryEstimate:
+    """checkpointed_layers: with checkpointing, how many decoder layers (the first ones) recompute
+    their activations in backward; None: all of them.
+    shards: the GPUs that share the base weights and the LoRA state (FSDP); 1 replicates them (DDP).
     preference: DPO, where micro_batch counts pairs (two sequences each) and a reference forward runs.
     The hold-out loss (SFT) runs at micro_batch rows of seq_len (hold-out examples are truncated to
     it); generation_tokens: new tokens per prompt for exact match, generated micro_batch prompts at
@@ -185,10 +188,11 @@ def estimate_memory(shape: ModelShape, *, quantized: bool, lora_r: int, lora_tar
     tokens = micro_batch * seq_len * (2 if preference else 1)
     layer_bytes = _activation_bytes_per_token_layer(shape, lora_targets, fused_kernels)
     per_layer = layer_bytes * tokens
-    if checkpointing:
-        activations = shape.layers * BF16 * shape.hidden * tokens + per_layer
-    else:
-        activations = shape.layers * per_layer
+    checkpointed = (shape.layers if checkpointed_layers is None else checkpointed_layers) if checkpointing else 0
+    # The layers left whole are the last ones: backward frees them before it recomputes the first
+    # checkpointed layer, so that recomputation's working set adds to the peak only when every layer
+    # is checkpointed.
+    activations = checkpointed * BF16 * shape.hidden * tokens + max(shape.layers - checkpointed, 1) * per_layer
     logits: float
     if fused_kernels:
         logits = tokens * shape.hidden * FUSED_LOGIT_BYTES_PER_TOKEN_HIDDEN
