@@ -84,15 +84,22 @@ def _operator_requests(plane: ControlPlane, user: str, start: float, end: float)
 
 
 async def _watch(client: KubeClient, path: str, seen: dict[str, float], wanted) -> None:
-    """Records when each object first satisfies `wanted`, from a watch of `path` (re-watched when the
-    server ends the stream)."""
+    """Records when each object first satisfies `wanted`, from a watch of `path`. Watched again from
+    the start when the server ends the stream, refuses it (429 while etcd's storage initialises) or
+    sends an ERROR event (410 Gone): a watch without a resourceVersion lists every object first, so
+    nothing is missed."""
     url = client.config.server + path
     headers = {"Authorization": client.config.authorization()} if client.config.authorization() else {}
     async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=None)) as session:
         while True:
             async with session.get(url, params={"watch": "true"}, ssl=client.config.ssl_context()) as response:
+                if response.status != 200:
+                    await asyncio.sleep(1)  # the server asks to retry later; there is no event to wait on
+                    continue
                 async for line in response.content:
                     event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        break
                     name = event["object"]["metadata"]["name"]
                     if name not in seen and wanted(event["object"]):
                         seen[name] = time.monotonic()
@@ -123,6 +130,9 @@ async def _load(plane: ControlPlane, n: int, operator: subprocess.Popen, steady_
         while len(recorded) < n:
             if operator.poll() is not None:
                 raise RuntimeError(f"the operator exited with {operator.returncode}")
+            for watcher in watchers:
+                if watcher.done():
+                    watcher.result()  # a watcher that died would leave the count short forever: say why
             if time.monotonic() - last_report >= 30:
                 last_report = time.monotonic()
                 print(f"{last_report - start:5.0f}s: {len(created)} applied, {len(jobs_seen)} Jobs, "

@@ -147,7 +147,8 @@ class Training(ApiModel):
     micro_batch_size: int | None = Field(
         default=None, ge=1, le=4096, description="Rows per forward pass per GPU; chosen from GPU memory when unset.")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        default="auto", description="Recompute activations to save memory; auto decides from the memory plan.")
+        default="auto", description="Recompute activations to save memory: on every decoder layer, off none, "
+        "auto as many of the first layers as the memory plan needs.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seeds data order, split and initialisation.")
     rules: ClassVar = (
         Rule("microBatchSize", "must not exceed batchSize",
